@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Set up everything this project needs (a virtualenv from requirements.txt), then run it.
+#   ./run.sh repro        the pipeline: dvc repro (extra arguments go to dvc repro)
+#   ./run.sh test         the test suite: pytest (extra arguments go to pytest)
+#   ./run.sh dvc ...      any dvc command inside the environment
+# Set RESNET8_MIRROR to a directory holding pretrainedResnet.h5 to work offline.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+venv="${VENV:-.venv}"
+python="${PYTHON:-$(command -v python3.11 || command -v python3)}"
+stamp="$venv/.requirements.sha256"
+want="$(sha256sum requirements.txt | cut -d' ' -f1)"
+if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "run.sh: installing requirements into $venv (first run takes a few minutes)" >&2
+  "$python" -m venv "$venv"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r requirements.txt
+  echo "$want" > "$stamp"
+fi
+export PATH="$PWD/$venv/bin:$PATH"
+if [ -n "${RESNET8_MIRROR:-}" ]; then
+  RESNET8_MIRROR="$(cd "$RESNET8_MIRROR" && pwd)"  # absolute, for stages run from copies
+  export RESNET8_MIRROR
+fi
+
+command="${1:-repro}"
+shift || true
+case "$command" in
+  repro) exec dvc repro "$@" ;;
+  test) exec python -m pytest "$@" ;;
+  dvc) exec dvc "$@" ;;
+  *) echo "run.sh: unknown command '$command' (expected repro, test or dvc)" >&2; exit 2 ;;
+esac

@@ -1,0 +1,1 @@
+"""Stage code of the ResNet8 quantization pipeline; each module is one DVC stage."""

@@ -1,0 +1,91 @@
+"""Stage convert_onnx: Keras -> ONNX with tf2onnx, verified against Keras on the real test images.
+
+    python -m stages.convert_onnx --keras models/keras/pretrainedResnet.h5 --data data/cifar10 \
+        --out models/onnx/resnet8.onnx --metrics metrics/convert_onnx.json
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from .lib import cifar10, runners
+from .lib import params as params_lib
+from .lib.errors import PipelineError, run_main
+from .lib.files import atomic_path, write_json
+from .lib.verify import conversion_report
+
+INPUT_NAME = "input"
+BATCH_SIZE = 1000
+
+
+def to_onnx(keras_path: Path, out: Path, opset: int) -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+    import tensorflow as tf
+    import tf2onnx
+
+    model = keras.models.load_model(keras_path, compile=False)
+    signature = (tf.TensorSpec((None, 32, 32, 3), tf.float32, name=INPUT_NAME),)
+
+    @tf.function(input_signature=signature)
+    def forward(x):
+        return {"probabilities": model(x, training=False)}
+
+    tf2onnx.convert.from_function(forward, input_signature=signature, opset=opset, output_path=str(out))
+
+
+def check_graph(path: Path) -> dict:
+    """onnx.checker plus the interface: one float32 input (batch, 32, 32, 3), one output (batch, 10)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise PipelineError(f"{path}: onnx.checker rejects the model ({str(exc).splitlines()[0]})") from None
+
+    def shape(value):
+        return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+    inputs, outputs = list(model.graph.input), list(model.graph.output)
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise PipelineError(f"{path}: {len(inputs)} inputs and {len(outputs)} outputs, expected 1 and 1")
+    in_shape, out_shape = shape(inputs[0]), shape(outputs[0])
+    in_type = inputs[0].type.tensor_type.elem_type
+    if in_type != onnx.TensorProto.FLOAT or in_shape[1:] != [32, 32, 3] or isinstance(in_shape[0], int):
+        raise PipelineError(f"{path}: input is {onnx.TensorProto.DataType.Name(in_type)}{in_shape}, "
+                            "expected FLOAT[batch, 32, 32, 3] with a dynamic batch")
+    if out_shape[1:] != [10]:
+        raise PipelineError(f"{path}: output shape {out_shape}, expected [batch, 10]")
+    return {
+        "checker": "passed",
+        "opset": max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+        "input": {"name": inputs[0].name, "shape": in_shape, "dtype": "float32"},
+        "output": {"name": outputs[0].name, "shape": out_shape},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keras", type=Path, required=True)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--metrics", type=Path, required=True)
+    args = parser.parse_args()
+    p = params_lib.load()["convert"]
+
+    test = cifar10.load(args.data, "test")
+    with atomic_path(args.out) as tmp:
+        to_onnx(args.keras, tmp, p["opset"])
+        graph = check_graph(tmp)
+        keras_scores = runners.predict_all(runners.load_runner("keras", args.keras), test.images, BATCH_SIZE)
+        onnx_scores = runners.predict_all(runners.load_runner("onnx", tmp), test.images, BATCH_SIZE)
+        report = conversion_report("convert_onnx", keras_scores, onnx_scores, p["max_abs_diff"], p["min_agreement"])
+    write_json(args.metrics, {**graph, "vs_keras": report})
+    print(f"convert_onnx: opset {graph['opset']}, max |diff| {report['max_abs_diff']:.2e}, "
+          f"argmax agreement {report['argmax_agreement']:.4f} on {report['images']} test images")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,56 @@
+"""Stage fold_batchnorm: fold each BatchNorm (tf2onnx's Mul + Add after a Conv) into its Conv,
+and MatMul + Add into Gemm, with onnxruntime's quant_pre_process; verified against the float ONNX.
+
+    python -m stages.fold_batchnorm --onnx models/onnx/resnet8.onnx --data data/cifar10 \
+        --out models/onnx_folded/resnet8.onnx --metrics metrics/fold_batchnorm.json
+
+Both quantizers start from this graph: quantizing the unfolded one costs accuracy.
+"""
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from pathlib import Path
+
+from .lib import cifar10, runners
+from .lib import params as params_lib
+from .lib.errors import PipelineError, run_main
+from .lib.files import atomic_path, write_json
+from .lib.verify import conversion_report
+
+BATCH_SIZE = 1000
+
+
+def fold(source: Path, out: Path) -> dict:
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    quant_pre_process(str(source), str(out), skip_symbolic_shape=False)
+    ops = Counter(node.op_type for node in onnx.load(str(out)).graph.node)
+    if ops.get("Mul") or ops.get("MatMul"):
+        raise PipelineError(f"{out}: folding left {ops.get('Mul', 0)} Mul and {ops.get('MatMul', 0)} "
+                            "MatMul nodes; expected every BatchNorm in its Conv and the Dense as Gemm")
+    return dict(sorted(ops.items()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--onnx", type=Path, required=True)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--metrics", type=Path, required=True)
+    args = parser.parse_args()
+    p = params_lib.load()["convert"]
+
+    test = cifar10.load(args.data, "test")
+    parent = runners.predict_all(runners.load_runner("onnx", args.onnx), test.images, BATCH_SIZE)
+    with atomic_path(args.out) as tmp:
+        ops = fold(args.onnx, tmp)
+        child = runners.predict_all(runners.load_runner("onnx", tmp), test.images, BATCH_SIZE)
+        report = conversion_report("fold_batchnorm", parent, child, p["max_abs_diff"], p["min_agreement"])
+    write_json(args.metrics, {"ops": ops, "vs_onnx": report})
+    print(f"fold_batchnorm: ops {ops}, max |diff| {report['max_abs_diff']:.2e}")
+
+
+if __name__ == "__main__":
+    run_main(main)

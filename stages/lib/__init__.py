@@ -1,0 +1,1 @@
+"""Logic shared by the stages: parameters, files, dataset, model runners, metrics."""

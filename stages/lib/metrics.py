@@ -1,0 +1,48 @@
+"""Classification metrics and model-to-model comparison, computed from scores and labels."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from .cifar10 import CLASSES
+from .files import atomic_path
+
+
+def classification(scores: np.ndarray, labels: np.ndarray) -> dict:
+    predicted = scores.argmax(axis=1)
+    correct = predicted == labels
+    confusion = np.zeros((len(CLASSES), len(CLASSES)), dtype=np.int64)
+    np.add.at(confusion, (labels, predicted), 1)
+    per_class = {}
+    for index, name in enumerate(CLASSES):
+        mask = labels == index
+        per_class[name] = round(float(correct[mask].mean()), 6) if mask.any() else None
+    return {
+        "accuracy": round(float(correct.mean()), 6),
+        "correct": int(correct.sum()),
+        "total": int(len(labels)),
+        "per_class_accuracy": per_class,
+        "confusion_matrix": {"labels": list(CLASSES), "rows_actual_cols_predicted": confusion.tolist()},
+    }
+
+
+def comparison(parent: np.ndarray, child: np.ndarray) -> dict:
+    """How closely `child` scores follow `parent` scores on the same images."""
+    if parent.shape != child.shape:
+        raise ValueError(f"score shapes differ: {parent.shape} vs {child.shape}")
+    return {
+        "max_abs_diff": float(np.abs(parent.astype(np.float64) - child).max()),
+        "argmax_agreement": round(float((parent.argmax(1) == child.argmax(1)).mean()), 6),
+        "argmax_disagreements": int((parent.argmax(1) != child.argmax(1)).sum()),
+    }
+
+
+def write_confusion_csv(path: str | Path, scores: np.ndarray, labels: np.ndarray) -> None:
+    """One row per image (actual, predicted class name): the input of DVC's confusion template."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["actual", "predicted"])
+        for actual, predicted in zip(labels, scores.argmax(axis=1)):
+            writer.writerow([CLASSES[actual], CLASSES[predicted]])

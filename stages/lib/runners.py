@@ -1,0 +1,112 @@
+"""Model runners: load a saved model of any kind and map uint8 NHWC images to class scores.
+
+Frameworks are imported only by the runner that needs them: TensorFlow and torch must never
+share a process (importing torch after TensorFlow and onnxruntime has crashed).
+The model input is raw pixels 0-255 as float32 NHWC, no normalisation.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .errors import PipelineError
+
+Predict = Callable[[np.ndarray], np.ndarray]
+
+
+def to_model_input(images: np.ndarray) -> np.ndarray:
+    return np.asarray(images, dtype=np.float32)
+
+
+def batches(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    for start in range(0, len(images), batch_size):
+        yield to_model_input(images[start:start + batch_size])
+
+
+def _require(path: Path) -> Path:
+    if not path.is_file():
+        raise PipelineError(f"{path}: model file not found")
+    return path
+
+
+def keras_runner(path: Path) -> Predict:
+    import os
+    import warnings
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+
+    try:
+        model = keras.models.load_model(_require(path), compile=False)
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"{path}: not a loadable Keras model ({exc})") from None
+    def predict(x: np.ndarray) -> np.ndarray:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # Keras 3 on a legacy .h5's input name
+            return np.asarray(model(x, training=False), dtype=np.float32)
+
+    return predict
+
+
+def onnx_session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(_require(path)), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise PipelineError(f"{path}: onnxruntime cannot load it ({' '.join(str(exc).split())[:200]})") from None
+
+
+def onnx_runner(path: Path) -> Predict:
+    session = onnx_session(path)
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: x})[0].astype(np.float32)
+
+
+def torch_load(path: Path):
+    """Load a TorchScript archive written by torch_save (no ONNX file or onnx2torch needed)."""
+    import warnings
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still the
+            # one format that saves onnx2torch graphs and quantized FX models alike
+            model = torch.jit.load(str(_require(path)), map_location="cpu")
+    except RuntimeError as exc:
+        raise PipelineError(f"{path}: not a loadable TorchScript model ({str(exc).splitlines()[0]})") from None
+    return model.eval()
+
+
+def torch_runner(path: Path) -> Predict:
+    import torch
+
+    model = torch_load(path)
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(x)).numpy().astype(np.float32)
+
+    return predict
+
+
+RUNNERS: dict[str, Callable[[Path], Predict]] = {
+    "keras": keras_runner,
+    "onnx": onnx_runner,
+    "torch": torch_runner,
+}
+
+
+def load_runner(kind: str, path: str | Path) -> Predict:
+    if kind not in RUNNERS:
+        raise PipelineError(f"unknown model kind '{kind}'; known: {', '.join(RUNNERS)}")
+    return RUNNERS[kind](Path(path))
+
+
+def predict_all(predict: Predict, images: np.ndarray, batch_size: int) -> np.ndarray:
+    return np.concatenate([predict(batch) for batch in batches(images, batch_size)])

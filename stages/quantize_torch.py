@@ -1,0 +1,55 @@
+"""Stage quantize_torch: static post-training quantization with PyTorch (FX), one dtype per run.
+
+    python -m stages.quantize_torch --dtype uint8 --model models/onnx_folded/resnet8.onnx \
+        --calibration data/calibration --out models/torch_uint8
+
+Starts from the BatchNorm-folded graph (onnx2torch). `uint8`: quint8 activations, qint8
+weights, fbgemm/x86 integer kernels. `int8`: qint8 activations and weights, a reference
+(simulated quantize/dequantize) model, because no torch CPU kernel takes qint8 activations.
+Writes model.pt (TorchScript) and info.json (settings, execution, graph check).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .lib import params as params_lib
+from .lib.calibration import CalibrationSet
+from .lib.errors import run_main
+from .lib.files import atomic_path
+from .lib.quant_checks import require_quantized, torch_summary
+from .lib.runners import torch_load
+from .lib.torch_models import from_onnx, save_torchscript
+from .lib.torch_quant import EXECUTION, quantize
+
+WEIGHTED_LAYERS = 10  # ResNet8: 9 Conv + 1 Dense
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", required=True, choices=params_lib.DTYPES)
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--calibration", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    p = params_lib.load()["quantize_torch"]
+    variant = f"torch_{args.dtype}"
+
+    calibration = CalibrationSet.load(args.calibration)
+    model = quantize(from_onnx(args.model), calibration.batches(), args.dtype,
+                     p["observer"], p["per_channel"], p["reduce_range"])
+    with atomic_path(args.out, directory=True) as tmp:
+        save_torchscript(model, tmp / "model.pt", calibration.images[:64])
+        summary = torch_summary(torch_load(tmp / "model.pt"))
+        require_quantized(variant, summary, WEIGHTED_LAYERS)
+        info = {"backend": "pytorch", "dtype": args.dtype, "execution": EXECUTION[args.dtype],
+                "activation_dtype": {"uint8": "quint8", "int8": "qint8"}[args.dtype], "weight_dtype": "qint8",
+                "engine": "x86", "settings": p, "calibration_images": len(calibration.images),
+                "graph_check": summary}
+        (tmp / "info.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(f"quantize_torch {args.dtype}: {WEIGHTED_LAYERS} layers quantized, execution {EXECUTION[args.dtype]}")
+
+
+if __name__ == "__main__":
+    run_main(main)
