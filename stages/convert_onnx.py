@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from .lib import cifar10, runners
@@ -20,12 +19,10 @@ BATCH_SIZE = 1000
 
 
 def to_onnx(keras_path: Path, out: Path, opset: int) -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import keras
+    model = runners.keras_model(keras_path)
     import tensorflow as tf
     import tf2onnx
 
-    model = keras.models.load_model(keras_path, compile=False)
     signature = (tf.TensorSpec((None, 32, 32, 3), tf.float32, name=INPUT_NAME),)
 
     @tf.function(input_signature=signature)

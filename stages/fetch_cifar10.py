@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .lib import cifar10
 from .lib import params as params_lib
-from .lib.errors import run_main
+from .lib.errors import PipelineError, run_main
 from .lib.files import atomic_path
 from .lib.sources import check_digest, download, npm_pack
 
@@ -34,6 +34,9 @@ def acquire(p: dict, workdir: Path) -> tuple[dict, str]:
         archive = download(p["toronto_url"], workdir / TORONTO_TARBALL)
         check_digest(archive, p["toronto_md5"], "md5", what=p["toronto_url"])
         return cifar10.decode_archive(archive, "python"), p["toronto_url"]
+    if not p["local_dir"]:
+        raise PipelineError("fetch_cifar10.local_dir is empty; source 'local' needs the directory that "
+                            "holds the dataset")
     local = Path(p["local_dir"])
     if (local / NPM_TARBALL).is_file():
         check_digest(local / NPM_TARBALL, p["npm_sha256"])

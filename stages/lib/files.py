@@ -49,8 +49,11 @@ def atomic_path(target: str | os.PathLike, directory: bool = False) -> Iterator[
         tmp = Path(name)
     try:
         yield tmp
-        if directory and target.exists() and not target.is_symlink():
-            _remove(target)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, (0o777 if directory else 0o666) & ~umask)  # mkstemp/mkdtemp made it private
+        if directory and (target.exists() or target.is_symlink()):
+            _remove(target)  # a symlink is unlinked, never what it points to
         os.replace(tmp, target)
     except BaseException:
         _remove(tmp)

@@ -46,7 +46,8 @@ _MD5 = Rule(str, lambda v: re.fullmatch(r"[0-9a-f]{32}", v) is not None, "32 low
 _URL = Rule(str, lambda v: v.startswith(("https://", "http://", "file://")), "an http(s):// or file:// URL")
 _TEXT = Rule(str, allowed="a string")
 _BOOL = Rule(bool, allowed="true or false")
-_DTYPES = Rule(list, lambda v: len(v) > 0 and len(set(v)) == len(v) and all(d in DTYPES for d in v),
+_DTYPES = Rule(list, lambda v: len(v) > 0 and all(isinstance(d, str) and d in DTYPES for d in v)
+               and len(set(v)) == len(v),
                "a non-empty list of distinct dtypes from " + ", ".join(DTYPES))
 
 SCHEMA: dict[str, dict[str, Rule]] = {
@@ -119,6 +120,8 @@ def load(path: str | Path = PARAMS_FILE) -> dict:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise PipelineError(f"{path}: file not found (run from the project root)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"{path}: cannot be read as UTF-8 text ({exc})") from None
     except yaml.YAMLError as exc:
         raise PipelineError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
     return validate(data, str(path))

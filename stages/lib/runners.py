@@ -31,17 +31,23 @@ def _require(path: Path) -> Path:
     return path
 
 
-def keras_runner(path: Path) -> Predict:
+def keras_model(path: Path):
     import os
-    import warnings
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
 
     try:
-        model = keras.models.load_model(_require(path), compile=False)
-    except (OSError, ValueError) as exc:
-        raise PipelineError(f"{path}: not a loadable Keras model ({exc})") from None
+        return keras.models.load_model(_require(path), compile=False)
+    except (OSError, ValueError, TypeError) as exc:
+        raise PipelineError(f"{path}: not a loadable Keras model ({' '.join(str(exc).split())[:200]})") from None
+
+
+def keras_runner(path: Path) -> Predict:
+    import warnings
+
+    model = keras_model(path)
+
     def predict(x: np.ndarray) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # Keras 3 on a legacy .h5's input name

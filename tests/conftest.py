@@ -1,0 +1,42 @@
+"""Shared test helpers: run a stage as its own process, as DVC does."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def stage_env(**extra: str) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    env.update(extra)
+    return env
+
+
+def run_module(module: str, *args: str, cwd: Path, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    """`python -m <module> args` in `cwd` (a project folder with its own params.yaml)."""
+    result = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd, env=stage_env(**env),
+                            capture_output=True, text=True, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{module} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def run_script(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """A helper script under tests/ in its own process (keeps TensorFlow and torch apart)."""
+    return run_module(f"tests.{script}", *args, cwd=cwd)
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A scratch project folder with a copy of the repository's params.yaml."""
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    return tmp_path

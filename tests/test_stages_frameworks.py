@@ -1,0 +1,170 @@
+"""The framework stages on a tiny randomly initialised ResNet8 and random CIFAR-shaped images.
+
+Every stage runs as its own process (as under DVC), so TensorFlow and torch never share one.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO, run_module, run_script
+
+DTYPES = ("int8", "uint8")
+QUANTIZED = [f"{backend}_{dtype}" for backend in ("ort", "torch") for dtype in DTYPES]
+PARENT = {"ort": "onnx", "torch": "torch"}
+MODEL_FILE = {"ort": "model.onnx", "torch": "model.pt"}
+FLOAT_MODEL = {"keras": "models/keras/pretrainedResnet.h5", "onnx": "models/onnx/resnet8.onnx",
+               "torch": "models/torch/resnet8.pt"}
+
+
+def evaluate(project: Path, variant: str, kind: str, model: str, parent: str | None = None, check: bool = True):
+    args = ["--variant", variant, "--kind", kind, "--model", model, "--data", "data/cifar10",
+            "--metrics", f"metrics/eval/{variant}.json", "--predictions", f"data/predictions/{variant}.npy",
+            "--confusion", f"plots/confusion/{variant}.csv"]
+    if parent:
+        args += ["--parent", parent, "--parent-metrics", f"metrics/eval/{parent}.json",
+                 "--parent-predictions", f"data/predictions/{parent}.npy"]
+    return run_module("stages.evaluate", *args, cwd=project, check=check)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """Runs every framework stage once on the tiny model; the tests read what it left."""
+    project = tmp_path_factory.mktemp("tiny")
+    shutil.copy(REPO / "params.yaml", project / "params.yaml")
+    text = (project / "params.yaml").read_text().replace("  samples: 1000 ", "  samples: 100 ")
+    (project / "params.yaml").write_text(text)
+    run_script("tiny_models", FLOAT_MODEL["keras"], "data/cifar10", cwd=project)
+    run_module("stages.convert_onnx", "--keras", FLOAT_MODEL["keras"], "--data", "data/cifar10",
+               "--out", FLOAT_MODEL["onnx"], "--metrics", "metrics/convert_onnx.json", cwd=project)
+    run_module("stages.convert_torch", "--onnx", FLOAT_MODEL["onnx"], "--data", "data/cifar10",
+               "--out", FLOAT_MODEL["torch"], "--metrics", "metrics/convert_torch.json", cwd=project)
+    run_module("stages.fold_batchnorm", "--onnx", FLOAT_MODEL["onnx"], "--data", "data/cifar10",
+               "--out", "models/onnx_folded/resnet8.onnx", "--metrics", "metrics/fold_batchnorm.json", cwd=project)
+    run_module("stages.calibrate", "--data", "data/cifar10", "--out", "data/calibration", cwd=project)
+    for variant, kind in (("keras", "keras"), ("onnx", "onnx"), ("torch", "torch")):
+        evaluate(project, variant, kind, FLOAT_MODEL[variant])
+    for backend in ("ort", "torch"):
+        for dtype in DTYPES:
+            run_module(f"stages.quantize_{backend}", "--dtype", dtype, "--model", "models/onnx_folded/resnet8.onnx",
+                       "--calibration", "data/calibration", "--out", f"models/{backend}_{dtype}", cwd=project)
+            evaluate(project, f"{backend}_{dtype}", PARENT[backend].replace("ort", "onnx"),
+                     f"models/{backend}_{dtype}/{MODEL_FILE[backend]}", parent=PARENT[backend])
+    return project
+
+
+def read(project: Path, name: str) -> dict:
+    return json.loads((project / name).read_text())
+
+
+def test_convert_onnx_records_a_checked_dynamic_batch_interface(tiny):
+    report = read(tiny, "metrics/convert_onnx.json")
+    assert report["checker"] == "passed"
+    assert report["opset"] == 13
+    assert isinstance(report["input"]["shape"][0], str) and report["input"]["shape"][1:] == [32, 32, 3]
+    assert report["output"]["shape"][1:] == [10]
+    assert report["vs_keras"]["argmax_agreement"] == 1.0
+    assert report["vs_keras"]["max_abs_diff"] < 1e-4
+    assert report["vs_keras"]["images"] == 48
+
+
+def test_convert_torch_matches_onnx_and_reloads_identically_in_fresh_processes(tiny):
+    report = read(tiny, "metrics/convert_torch.json")
+    assert report["vs_onnx"]["argmax_agreement"] == 1.0 and report["vs_onnx"]["max_abs_diff"] < 1e-4
+    first = json.loads(run_script("inspect_model", "torch", FLOAT_MODEL["torch"], cwd=tiny).stdout)
+    second = json.loads(run_script("inspect_model", "torch", FLOAT_MODEL["torch"], cwd=tiny).stdout)
+    assert first["scores"] == second["scores"]
+    # no ONNX file is needed to load it
+    shutil.copy(tiny / FLOAT_MODEL["torch"], tiny / "alone.pt")
+    alone = json.loads(run_script("inspect_model", "torch", "alone.pt", cwd=tiny).stdout)
+    assert alone["scores"] == first["scores"]
+
+
+def test_float_variants_write_metrics_confusion_and_predictions(tiny):
+    scores = {}
+    for variant in FLOAT_MODEL:
+        metrics = read(tiny, f"metrics/eval/{variant}.json")
+        assert metrics["total"] == 48 and 0 <= metrics["correct"] <= 48
+        assert metrics["accuracy"] == pytest.approx(metrics["correct"] / 48, abs=1e-6)
+        assert list(metrics["per_class_accuracy"]) == ["airplane", "automobile", "bird", "cat", "deer",
+                                                       "dog", "frog", "horse", "ship", "truck"]
+        confusion = np.array(metrics["confusion_matrix"]["rows_actual_cols_predicted"])
+        assert confusion.shape == (10, 10) and confusion.sum() == 48 and np.trace(confusion) == metrics["correct"]
+        lines = (tiny / f"plots/confusion/{variant}.csv").read_text().splitlines()
+        assert lines[0] == "actual,predicted" and len(lines) == 49
+        scores[variant] = np.load(tiny / f"data/predictions/{variant}.npy")
+    np.testing.assert_allclose(scores["keras"], scores["onnx"], atol=1e-4)
+    np.testing.assert_allclose(scores["onnx"], scores["torch"], atol=1e-4)
+
+
+def test_folded_graph_has_no_batchnorm_arithmetic_left(tiny):
+    report = read(tiny, "metrics/fold_batchnorm.json")
+    assert report["ops"]["Conv"] == 9 and report["ops"]["Gemm"] == 1
+    assert "Mul" not in report["ops"] and "MatMul" not in report["ops"]
+
+
+@pytest.mark.parametrize("variant", QUANTIZED)
+def test_quantized_variant_is_really_quantized(tiny, variant):
+    backend, dtype = variant.split("_")
+    model = tiny / "models" / variant / MODEL_FILE[backend]
+    summary = json.loads(run_script("inspect_model", "onnx" if backend == "ort" else "torch",
+                                    str(model), cwd=tiny).stdout)
+    assert summary["float_layers"] == []
+    if backend == "ort":
+        assert summary["quantized_layers"] == 10
+        assert summary["weight_dtypes"] == [dtype]
+    elif dtype == "uint8":
+        assert summary["integer_kernels"] == 10
+    else:
+        assert summary["simulated_qdq_layers"] == 10
+    assert summary["quantize_nodes"] >= 1 and summary["dequantize_nodes"] >= 1
+    parent_file = tiny / FLOAT_MODEL[PARENT[backend]]
+    assert model.stat().st_size <= 0.4 * parent_file.stat().st_size
+    parent = np.load(tiny / f"data/predictions/{PARENT[backend]}.npy")
+    child = np.load(tiny / f"data/predictions/{variant}.npy")
+    assert np.abs(parent - child).max() > 1e-6, "quantized outputs are identical to float outputs"
+
+
+@pytest.mark.parametrize("variant", QUANTIZED)
+def test_quantized_metrics_are_computed_against_the_parent(tiny, variant):
+    backend, dtype = variant.split("_")
+    metrics, parent = read(tiny, f"metrics/eval/{variant}.json"), read(tiny, f"metrics/eval/{PARENT[backend]}.json")
+    assert metrics["parent"] == PARENT[backend] and metrics["dtype"] == dtype
+    assert metrics["execution"] == ("simulated-qdq" if variant == "torch_int8" else "integer-kernels")
+    assert metrics["delta_points"] == pytest.approx(100 * (metrics["accuracy"] - parent["accuracy"]), abs=1e-3)
+    expected_agreement = (np.load(tiny / f"data/predictions/{variant}.npy").argmax(1)
+                          == np.load(tiny / f"data/predictions/{PARENT[backend]}.npy").argmax(1)).mean()
+    assert metrics["argmax_agreement_with_parent"] == pytest.approx(expected_agreement)
+    assert metrics["model_bytes"] == (tiny / "models" / variant / MODEL_FILE[backend]).stat().st_size
+
+
+def test_a_float_torch_model_fails_the_quantization_proof(tiny):
+    summary = json.loads(run_script("inspect_model", "torch", FLOAT_MODEL["torch"], cwd=tiny).stdout)
+    assert summary["integer_kernels"] == 0 and summary["simulated_qdq_layers"] == 0
+    assert len(summary["float_layers"]) == 10
+
+
+def test_a_float_onnx_model_fails_the_quantization_proof(tiny):
+    summary = json.loads(run_script("inspect_model", "onnx", "models/onnx_folded/resnet8.onnx", cwd=tiny).stdout)
+    assert summary["quantized_layers"] == 0 and len(summary["float_layers"]) == 10
+
+
+def test_convert_onnx_refuses_a_file_that_is_not_a_keras_model(tiny):
+    (tiny / "broken.h5").write_bytes(b"not an HDF5 file")
+    result = run_module("stages.convert_onnx", "--keras", "broken.h5", "--data", "data/cifar10",
+                        "--out", "models/broken.onnx", "--metrics", "metrics/broken.json", cwd=tiny, check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: broken.h5: not a loadable Keras model")
+    assert not (tiny / "models/broken.onnx").exists() and not (tiny / "metrics/broken.json").exists()
+    assert not list((tiny / "models").glob(".broken.onnx.*"))
+
+
+def test_evaluate_refuses_a_missing_model(tiny):
+    result = evaluate(tiny, "ghost", "onnx", "models/ghost.onnx", check=False)
+    assert result.returncode == 1
+    assert "models/ghost.onnx: model file not found" in result.stderr
+    assert not (tiny / "metrics/eval/ghost.json").exists()
