@@ -50,6 +50,8 @@ def main() -> None:
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--predictions", type=Path, required=True)
     parser.add_argument("--confusion", type=Path, required=True)
+    parser.add_argument("--execution", help="for a model without info.json: integer-kernels, simulated-qdq")
+    parser.add_argument("--reference", help="marks an external reference model, with this description")
     parser.add_argument("--parent")
     parser.add_argument("--parent-metrics", type=Path)
     parser.add_argument("--parent-predictions", type=Path)
@@ -59,7 +61,10 @@ def main() -> None:
     test = cifar10.load(args.data, "test", limit=p["samples"])
     predict = runners.load_runner(args.kind, args.model)
     scores = runners.predict_all(predict, test.images, p["batch_size"])
-    result = {"variant": args.variant, "kind": args.kind, **model_info(args.model),
+    described = {"execution": args.execution} if args.execution else {}
+    if args.reference:
+        described["reference"] = args.reference
+    result = {"variant": args.variant, "kind": args.kind, **described, **model_info(args.model),
               "model_bytes": args.model.stat().st_size,
               **metrics.classification(scores, test.labels)}
 

@@ -38,7 +38,7 @@ def main() -> None:
 
     calibration = CalibrationSet.load(args.calibration)
     model = quantize(from_onnx(args.model), calibration.batches(), args.dtype,
-                     p["observer"], p["per_channel"], p["reduce_range"])
+                     p["observer"], p["per_channel"], p["reduce_range"], p["percentile"])
     with atomic_path(args.out, directory=True) as tmp:
         save_torchscript(model, tmp / "model.pt", calibration.images[:64])
         summary = torch_summary(torch_load(tmp / "model.pt"))

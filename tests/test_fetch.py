@@ -18,7 +18,9 @@ from stages.lib.errors import PipelineError
 MODEL_BYTES = b"\x89HDF\r\n\x1a\n" + bytes(range(256)) * 40  # a stand-in for pretrainedResnet.h5
 MODEL_SHA256 = hashlib.sha256(MODEL_BYTES).hexdigest()
 WRONG_SHA256 = "f" * 64
-UNREACHABLE = "file:///nonexistent/path/pretrainedResnet.h5"
+UNREACHABLE_BASE = "file:///nonexistent/path"
+UNREACHABLE = UNREACHABLE_BASE + "/pretrainedResnet.h5"
+NAME = "pretrainedResnet.h5"
 
 
 @pytest.fixture
@@ -33,7 +35,7 @@ def mirror(tmp_path):
 
 def test_fetch_model_from_mirror(tmp_path, mirror):
     out = tmp_path / "project" / "models" / "keras" / "pretrainedResnet.h5"
-    origin = fetch_model.fetch(out, UNREACHABLE, MODEL_SHA256, str(mirror))
+    origin = fetch_model.fetch(out, NAME, UNREACHABLE_BASE, MODEL_SHA256, str(mirror))
     assert out.read_bytes() == MODEL_BYTES
     assert origin == str(mirror / "pretrainedResnet.h5")
     assert syn.listing(out.parent) == ["pretrainedResnet.h5"]
@@ -42,7 +44,7 @@ def test_fetch_model_from_mirror(tmp_path, mirror):
 def test_fetch_model_from_file_url(tmp_path, mirror):
     out = tmp_path / "out" / "model.h5"
     url = (mirror / "pretrainedResnet.h5").as_uri()
-    assert fetch_model.fetch(out, url, MODEL_SHA256, None) == url
+    assert fetch_model.fetch(out, NAME, mirror.as_uri(), MODEL_SHA256, None) == url
     assert out.read_bytes() == MODEL_BYTES
 
 
@@ -50,7 +52,7 @@ def test_fetch_model_wrong_sha256(tmp_path, mirror):
     out_dir = tmp_path / "out"
     out = out_dir / "pretrainedResnet.h5"
     with pytest.raises(PipelineError) as info:
-        fetch_model.fetch(out, UNREACHABLE, WRONG_SHA256, str(mirror))
+        fetch_model.fetch(out, NAME, UNREACHABLE_BASE, WRONG_SHA256, str(mirror))
     message = str(info.value)
     assert MODEL_SHA256 in message and WRONG_SHA256 in message
     assert str(mirror / "pretrainedResnet.h5") in message
@@ -62,7 +64,7 @@ def test_fetch_model_wrong_sha256_keeps_the_previous_output(tmp_path, mirror):
     out = tmp_path / "pretrainedResnet.h5"
     out.write_bytes(b"previous good model")
     with pytest.raises(PipelineError):
-        fetch_model.fetch(out, UNREACHABLE, WRONG_SHA256, str(mirror))
+        fetch_model.fetch(out, NAME, UNREACHABLE_BASE, WRONG_SHA256, str(mirror))
     assert out.read_bytes() == b"previous good model"
     assert syn.listing(tmp_path) == sorted(["mirror", "mirror/pretrainedResnet.h5", "pretrainedResnet.h5"])
 
@@ -72,7 +74,7 @@ def test_fetch_model_mirror_without_the_file(tmp_path):
     empty.mkdir()
     out = tmp_path / "out" / "pretrainedResnet.h5"
     with pytest.raises(PipelineError, match="not found") as info:
-        fetch_model.fetch(out, UNREACHABLE, MODEL_SHA256, str(empty))
+        fetch_model.fetch(out, NAME, UNREACHABLE_BASE, MODEL_SHA256, str(empty))
     assert str(empty / "pretrainedResnet.h5") in str(info.value)
     assert syn.listing(out.parent) == []
 
@@ -81,7 +83,7 @@ def test_fetch_model_mirror_not_a_directory(tmp_path, mirror):
     not_dir = mirror / "pretrainedResnet.h5"  # a file, not a directory
     out = tmp_path / "out" / "pretrainedResnet.h5"
     with pytest.raises(PipelineError, match="not a directory") as info:
-        fetch_model.fetch(out, UNREACHABLE, MODEL_SHA256, str(not_dir))
+        fetch_model.fetch(out, NAME, UNREACHABLE_BASE, MODEL_SHA256, str(not_dir))
     assert f"RESNET8_MIRROR={not_dir}" in str(info.value)
     assert syn.listing(out.parent) == []
 
@@ -89,7 +91,7 @@ def test_fetch_model_mirror_not_a_directory(tmp_path, mirror):
 def test_fetch_model_unreachable_url(tmp_path):
     out = tmp_path / "out" / "pretrainedResnet.h5"
     with pytest.raises(PipelineError, match="cannot download") as info:
-        fetch_model.fetch(out, UNREACHABLE, MODEL_SHA256, None)
+        fetch_model.fetch(out, NAME, UNREACHABLE_BASE, MODEL_SHA256, None)
     assert UNREACHABLE in str(info.value)
     assert syn.listing(out.parent) == []
 
@@ -97,8 +99,8 @@ def test_fetch_model_unreachable_url(tmp_path):
 def test_fetch_model_stage_bad_checksum_exit_1_one_error_line(tmp_path, mirror):
     project = tmp_path / "project"
     project.mkdir()
-    syn.write_params(project, {"fetch_model": {"url": UNREACHABLE, "sha256": WRONG_SHA256}})
-    result = syn.run_stage("fetch_model", ["--out", "models/pretrainedResnet.h5"], project,
+    syn.write_params(project, {"fetch_model": {"base_url": UNREACHABLE_BASE, "sha256": {NAME: WRONG_SHA256, "pretrainedResnet_quant.tflite": WRONG_SHA256}}})
+    result = syn.run_stage("fetch_model", ["--file", NAME, "--out", "models/pretrainedResnet.h5"], project,
                            RESNET8_MIRROR=str(mirror))
     assert result.returncode == 1, result.stderr
     lines = result.stderr.splitlines()
@@ -110,8 +112,8 @@ def test_fetch_model_stage_bad_checksum_exit_1_one_error_line(tmp_path, mirror):
 def test_fetch_model_stage_good_checksum(tmp_path, mirror):
     project = tmp_path / "project"
     project.mkdir()
-    syn.write_params(project, {"fetch_model": {"url": UNREACHABLE, "sha256": MODEL_SHA256}})
-    result = syn.run_stage("fetch_model", ["--out", "models/pretrainedResnet.h5"], project,
+    syn.write_params(project, {"fetch_model": {"base_url": UNREACHABLE_BASE, "sha256": {NAME: MODEL_SHA256, "pretrainedResnet_quant.tflite": WRONG_SHA256}}})
+    result = syn.run_stage("fetch_model", ["--file", NAME, "--out", "models/pretrainedResnet.h5"], project,
                            RESNET8_MIRROR=str(mirror))
     assert result.returncode == 0, result.stderr
     assert (project / "models" / "pretrainedResnet.h5").read_bytes() == MODEL_BYTES

