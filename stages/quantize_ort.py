@@ -14,10 +14,11 @@ import json
 import tempfile
 from pathlib import Path
 
+from .lib import cifar10, layer_error
 from .lib import params as params_lib
 from .lib.calibration import CalibrationSet, ort_reader
 from .lib.errors import run_main
-from .lib.files import atomic_path
+from .lib.files import atomic_path, write_json
 from .lib.quant_checks import onnx_summary, require_quantized
 from .lib.runners import onnx_session
 
@@ -69,6 +70,9 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--calibration", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--float-model", type=Path, required=True, help="float graph for the per-layer error")
+    parser.add_argument("--data", type=Path, required=True, help="prepared CIFAR-10 (test images for the error)")
+    parser.add_argument("--layer-error", type=Path, required=True, help="per-layer SQNR JSON to write")
     args = parser.parse_args()
     p = params_lib.load()["quantize_ort"]
     variant = f"ort_{args.dtype}"
@@ -83,6 +87,9 @@ def main() -> None:
                 "settings": p, "calibration_images": len(calibration.images),
                 "graph_check": summary, "runtime_ops": runtime_ops}
         (tmp / "info.json").write_text(json.dumps(info, indent=2) + "\n")
+        test = cifar10.load(args.data, "test", limit=layer_error.IMAGES)
+        errors = layer_error.ort_layer_errors(args.float_model, tmp / "model.onnx", test.images)
+    write_json(args.layer_error, {"variant": variant, "images": len(test.images), "layers": errors})
     print(f"quantize_ort {args.dtype}: {summary['quantized_layers']} layers quantized "
           f"({', '.join(summary['weight_dtypes'])} weights), execution {execution}")
 

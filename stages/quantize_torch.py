@@ -14,10 +14,11 @@ import argparse
 import json
 from pathlib import Path
 
+from .lib import cifar10, layer_error
 from .lib import params as params_lib
 from .lib.calibration import CalibrationSet
 from .lib.errors import run_main
-from .lib.files import atomic_path
+from .lib.files import atomic_path, write_json
 from .lib.quant_checks import require_quantized, torch_summary
 from .lib.runners import torch_load
 from .lib.torch_models import from_onnx, save_torchscript
@@ -32,6 +33,9 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--calibration", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--float-model", type=Path, required=True, help="float graph for the per-layer error")
+    parser.add_argument("--data", type=Path, required=True, help="prepared CIFAR-10 (test images for the error)")
+    parser.add_argument("--layer-error", type=Path, required=True, help="per-layer SQNR JSON to write")
     args = parser.parse_args()
     p = params_lib.load()["quantize_torch"]
     variant = f"torch_{args.dtype}"
@@ -48,6 +52,9 @@ def main() -> None:
                 "engine": "x86", "settings": p, "calibration_images": len(calibration.images),
                 "graph_check": summary}
         (tmp / "info.json").write_text(json.dumps(info, indent=2) + "\n")
+    test = cifar10.load(args.data, "test", limit=layer_error.IMAGES)
+    errors = layer_error.torch_layer_errors(from_onnx(args.float_model), model, test.images)
+    write_json(args.layer_error, {"variant": variant, "images": len(test.images), "layers": errors})
     print(f"quantize_torch {args.dtype}: {WEIGHTED_LAYERS} layers quantized, execution {EXECUTION[args.dtype]}")
 
 

@@ -33,8 +33,14 @@ def reported(tmp_path: Path) -> Path:
                 eval_metrics("torch_uint8", 8690, "torch", 8719, 1300, "integer-kernels")]
     for v in variants:
         (directory / f"{v['variant']}.json").write_text(json.dumps(v))
+    errors = tmp_path / "metrics" / "layer_error"
+    errors.mkdir()
+    for name, sqnr in (("ort_int8", [41.0, 30.5]), ("torch_uint8", [35.25, 22.0])):
+        layers = [{"layer": f"conv{i}", "sqnr_db": value} for i, value in enumerate(sqnr)]
+        (errors / f"{name}.json").write_text(json.dumps({"variant": name, "images": 256, "layers": layers}))
     run_module("stages.report", "--eval", "metrics/eval", "--summary", "metrics/summary.json",
                "--accuracy-plot", "plots/accuracy.json", "--per-class-plots", "plots/per_class",
+               "--layer-error", "metrics/layer_error", "--layer-error-plots", "plots/layer_error",
                "--report", "reports/quantization.md", cwd=tmp_path)
     return tmp_path
 
@@ -82,12 +88,24 @@ def test_plot_files_are_well_formed_one_per_variant(reported):
     assert rows[3]["accuracy"] == pytest.approx((8735 + 3) / 10000)
 
 
+def test_layer_error_tables_and_plots_match_the_files(reported):
+    markdown = (reported / "reports/quantization.md").read_text()
+    ort = table_rows(markdown[markdown.index("### ort"):], "| layer |")
+    assert ort == [["`conv0`", "41.0"], ["`conv1`", "30.5"]]
+    torch = table_rows(markdown[markdown.index("### torch"):], "| layer |")
+    assert torch == [["`conv0`", "35.2"], ["`conv1`", "22.0"]]
+    files = sorted(p.name for p in (reported / "plots/layer_error").iterdir())
+    assert files == ["ort_int8.json", "torch_uint8.json"]
+    assert json.loads((reported / "plots/layer_error/torch_uint8.json").read_text())[1] == {"layer": "conv1", "sqnr_db": 22.0}
+
+
 def test_a_missing_parent_is_a_clear_error(tmp_path):
     directory = tmp_path / "metrics" / "eval"
     directory.mkdir(parents=True)
     (directory / "ort_int8.json").write_text(json.dumps(eval_metrics("ort_int8", 8700, "onnx", 8719)))
     result = run_module("stages.report", "--eval", "metrics/eval", "--summary", "s.json", "--accuracy-plot", "a.json",
-                        "--per-class-plots", "p", "--report", "r.md", cwd=tmp_path, check=False)
+                        "--per-class-plots", "p", "--layer-error", "le", "--layer-error-plots", "lep",
+                        "--report", "r.md", cwd=tmp_path, check=False)
     assert result.returncode == 1 and "names parent 'onnx', whose metrics are missing" in result.stderr
     assert not (tmp_path / "s.json").exists()
 

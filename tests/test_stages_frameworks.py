@@ -56,7 +56,9 @@ def tiny(tmp_path_factory) -> Path:
     for backend in ("ort", "torch"):
         for dtype in DTYPES:
             run_module(f"stages.quantize_{backend}", "--dtype", dtype, "--model", f"models/adaround_{dtype}/resnet8.onnx",
-                       "--calibration", "data/calibration", "--out", f"models/{backend}_{dtype}", cwd=project)
+                       "--calibration", "data/calibration", "--out", f"models/{backend}_{dtype}",
+                       "--float-model", "models/onnx_folded/resnet8.onnx", "--data", "data/cifar10",
+                       "--layer-error", f"metrics/layer_error/{backend}_{dtype}.json", cwd=project)
             evaluate(project, f"{backend}_{dtype}", PARENT[backend].replace("ort", "onnx"),
                      f"models/{backend}_{dtype}/{MODEL_FILE[backend]}", parent=PARENT[backend])
     return project
@@ -184,3 +186,12 @@ def test_adaround_weights_land_exactly_on_the_onnxruntime_integer_grid(tiny, dty
                                   f"models/ort_{dtype}/model.onnx", cwd=tiny).stdout)
     assert check["layers"] == 10
     assert check["max_offgrid_steps"] < 1e-3  # the quantizer stored exactly AdaRound's integers
+
+
+@pytest.mark.parametrize("variant", QUANTIZED)
+def test_per_layer_error_covers_every_quantized_layer(tiny, variant):
+    report = read(tiny, f"metrics/layer_error/{variant}.json")
+    assert report["variant"] == variant and report["images"] == 48
+    sqnr = [row["sqnr_db"] for row in report["layers"]]
+    assert len(sqnr) >= 10 if variant.startswith("ort") else len(sqnr) == 10
+    assert all(5 < value < 120 for value in sqnr), sqnr  # quantized, so finite noise; not garbage

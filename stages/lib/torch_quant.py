@@ -140,6 +140,19 @@ class QuantizedWeightLinear(nn.Module):
         return F.linear(x, self.qweight.dequantize(), self.bias)
 
 
+def is_quantized_layer(module: nn.Module) -> bool:
+    """A converted Conv / Linear: fbgemm's integer modules, or our integer-weight reference ones
+    (alone or inside a fused ConvReLU / LinearReLU)."""
+    import torch.ao.nn.intrinsic.quantized as nniq
+    import torch.ao.nn.quantized as nnq
+
+    if isinstance(module, (nnq.Conv2d, nnq.Linear, nniq.ConvReLU2d, nniq.LinearReLU,
+                           QuantizedWeightConv2d, QuantizedWeightLinear)):
+        return True
+    return isinstance(module, nn.Sequential) and len(module) > 0 and isinstance(
+        module[0], (QuantizedWeightConv2d, QuantizedWeightLinear))
+
+
 def store_integer_weights(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
     import torch.ao.nn.quantized.reference as ref
 

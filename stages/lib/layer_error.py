@@ -1,0 +1,82 @@
+"""Per-layer quantization error: the signal-to-quantization-noise ratio (SQNR, dB) of each
+quantized layer's output against the same tensor of the float model, on a fixed batch of test
+images. Higher is better; every 6 dB is about one bit.
+
+ONNX Runtime: its own QDQ debugging tools (onnxruntime.quantization.qdq_loss_debug), over every
+tensor with a QuantizeLinear / DequantizeLinear pair. PyTorch: an FX interpreter records each
+quantized Conv / Linear module's output (dequantized) and the float graph's output of the same
+layer (after its ReLU when the quantized module fused one).
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+IMAGES = 256  # the first test images; a fixed batch
+
+
+def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
+    reference, test = np.asarray(reference, np.float64), np.asarray(test, np.float64)
+    noise = float(np.sum((reference - test) ** 2))
+    signal = float(np.sum(reference ** 2))
+    return float("inf") if noise == 0 else round(float(10 * np.log10(max(signal, 1e-30) / noise)), 3)
+
+
+def ort_layer_errors(float_model: Path, quantized_model: Path, images: np.ndarray) -> list[dict]:
+    import onnx
+    from onnxruntime.quantization.qdq_loss_debug import (
+        collect_activations, create_activation_matching, modify_model_output_intermediate_tensors)
+
+    from .calibration import CalibrationSet, ort_reader
+
+    input_name = onnx.load(str(float_model)).graph.input[0].name
+    with tempfile.TemporaryDirectory() as work:
+        augmented = {}
+        for role, path in (("float", float_model), ("quantized", quantized_model)):
+            augmented[role] = str(Path(work) / f"{role}.onnx")
+            modify_model_output_intermediate_tensors(str(path), augmented[role])
+        activations = {role: collect_activations(path, ort_reader(CalibrationSet(images), input_name))
+                       for role, path in augmented.items()}
+    matched = create_activation_matching(activations["quantized"], activations["float"])
+    order = [out for node in onnx.load(str(float_model)).graph.node for out in node.output]
+    rows = []
+    for name in sorted(matched, key=lambda n: order.index(n) if n in order else len(order)):
+        match = matched[name]
+        if not match.get("float"):
+            continue
+        rows.append({"layer": name,
+                     "sqnr_db": sqnr_db(np.concatenate(match["float"]), np.concatenate(match["post_qdq"]))})
+    return rows
+
+
+def torch_layer_errors(float_model, quantized_model, images: np.ndarray) -> list[dict]:
+    import torch
+
+    from .torch_quant import is_quantized_layer
+
+    def record(model, keep) -> dict:
+        outputs = {}
+
+        class Recorder(torch.fx.Interpreter):
+            def run_node(self, node):
+                result = super().run_node(node)
+                if node.op == "call_module" and keep(node.target):
+                    outputs[node.target] = result.dequantize() if result.is_quantized else result
+                return result
+
+        with torch.inference_mode():
+            Recorder(model).run(torch.from_numpy(np.asarray(images, dtype=np.float32)))
+        return outputs
+
+    quantized = record(quantized_model, lambda t: is_quantized_layer(quantized_model.get_submodule(t)))
+    reference = record(float_model, lambda t: True)
+    rows = []
+    for target, output in quantized.items():
+        float_target = target if target in reference else target.rsplit(".", 1)[0]  # padded conv: Sequential
+        expected = reference[float_target]
+        if "ReLU" in type(quantized_model.get_submodule(target)).__name__:
+            expected = torch.relu(expected)
+        rows.append({"layer": float_target, "sqnr_db": sqnr_db(expected.numpy(), output.numpy())})
+    return rows
