@@ -3,6 +3,7 @@
 #   ./run.sh repro        the pipeline: dvc repro (extra arguments go to dvc repro)
 #   ./run.sh test         the test suite: pytest (extra arguments go to pytest)
 #   ./run.sh dvc ...      any dvc command inside the environment
+#   ./run.sh plots        dvc plots show, with Vega copied from npm so the page works offline
 # Set RESNET8_MIRROR to a directory holding pretrainedResnet.h5 to work offline.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -29,5 +30,16 @@ case "$command" in
   repro) exec dvc repro "$@" ;;
   test) exec python -m pytest "$@" ;;
   dvc) exec dvc "$@" ;;
-  *) echo "run.sh: unknown command '$command' (expected repro, test or dvc)" >&2; exit 2 ;;
+  plots)
+    dvc plots show "$@"
+    vega=(vega@5.20.2 vega-lite@5.2.0 vega-embed@6.18.2)
+    work="$(mktemp -d)"
+    for spec in "${vega[@]}"; do
+      (cd "$work" && npm pack "$spec" --silent >/dev/null && tar xzf ./*.tgz && rm ./*.tgz \
+        && cp package/build/"${spec%@*}".min.js "$OLDPWD/dvc_plots/" && rm -r package)
+      sed -i "s#https://cdn.jsdelivr.net/npm/$spec#${spec%@*}.min.js#" dvc_plots/index.html
+    done
+    rm -r "$work"
+    echo "run.sh: dvc_plots/index.html now loads Vega from dvc_plots/ (works offline)" ;;
+  *) echo "run.sh: unknown command '$command' (expected repro, test, dvc or plots)" >&2; exit 2 ;;
 esac

@@ -122,8 +122,9 @@ def main() -> None:
     variants = load_variants(args.eval)
     summary = summarise(variants)
     baseline = next((variants[v]["accuracy"] for v in FLOAT_ORDER if v in variants), None)
-    write_json(args.accuracy_plot, [{"variant": n, "accuracy": s["accuracy"], "float_baseline": baseline}
-                                    for n, s in summary.items()])
+    write_json(args.accuracy_plot, [
+        {"variant": n, "accuracy": s["accuracy"], "float_baseline": baseline,
+         "points_vs_float_baseline": round(100 * (s["accuracy"] - baseline), 4)} for n, s in summary.items()])
     with atomic_path(args.per_class_plots, directory=True) as tmp:
         for name, m in variants.items():
             rows = [{"class": c, "accuracy": m["per_class_accuracy"][c]} for c in CLASSES]

@@ -81,6 +81,7 @@ def test_plot_files_are_well_formed_one_per_variant(reported):
     accuracy = json.loads((reported / "plots/accuracy.json").read_text())
     assert [row["variant"] for row in accuracy] == ["onnx", "torch", "ort_int8", "torch_uint8"]
     assert all(row["float_baseline"] == 0.8719 for row in accuracy)
+    assert [row["points_vs_float_baseline"] for row in accuracy] == [0.0, 0.0, 0.16, -0.29]
     files = sorted(p.name for p in (reported / "plots/per_class").iterdir())
     assert files == ["onnx.json", "ort_int8.json", "torch.json", "torch_uint8.json"]
     rows = json.loads((reported / "plots/per_class/ort_int8.json").read_text())
