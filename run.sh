@@ -2,7 +2,7 @@
 # Set up everything this project needs (a virtualenv from requirements.txt), then run it.
 #   ./run.sh repro        the pipeline: dvc repro (extra arguments go to dvc repro)
 #   ./run.sh test         the test suite: pytest (extra arguments go to pytest)
-#   ./run.sh dvc ...      any dvc command inside the environment
+#   ./run.sh dvc ...      any dvc command inside the environment (./run.sh python ... likewise)
 #   ./run.sh plots        dvc plots show, with Vega copied from npm so the page works offline
 # Set RESNET8_MIRROR to a directory holding pretrainedResnet.h5 to work offline.
 set -euo pipefail
@@ -30,6 +30,7 @@ case "$command" in
   repro) exec dvc repro "$@" ;;
   test) exec python -m pytest "$@" ;;
   dvc) exec dvc "$@" ;;
+  python) exec python "$@" ;;
   plots)
     dvc plots show "$@"
     vega=(vega@5.20.2 vega-lite@5.2.0 vega-embed@6.18.2)
@@ -41,5 +42,5 @@ case "$command" in
     done
     rm -r "$work"
     echo "run.sh: dvc_plots/index.html now loads Vega from dvc_plots/ (works offline)" ;;
-  *) echo "run.sh: unknown command '$command' (expected repro, test, dvc or plots)" >&2; exit 2 ;;
+  *) echo "run.sh: unknown command '$command' (expected repro, test, dvc, python or plots)" >&2; exit 2 ;;
 esac

@@ -44,6 +44,8 @@ def summarise(variants: dict[str, dict]) -> dict[str, dict]:
             "size_ratio": m.get("size_ratio_to_parent", 1.0),
             "execution": m.get("execution", "float"),
         }
+        if m.get("reference"):
+            entry["reference"] = True
         if parent is None and "parent" in m:
             raise PipelineError(f"variant '{name}' names parent '{m['parent']}', whose metrics are missing")
         summary[name] = entry
