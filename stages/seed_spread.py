@@ -1,5 +1,5 @@
 """Not a stage: the spread of each quantized variant's accuracy over calibration seeds, read from
-`dvc exp show --json` (the workspace, HEAD and every experiment of the current commit).
+`dvc exp show --json --all-commits` (the workspace, the commits and their experiments).
 
     python -m stages.seed_spread
 
@@ -40,7 +40,7 @@ def without_seed(params: dict) -> str:
 
 
 def main() -> None:
-    shown = subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True, check=True)
+    shown = subprocess.run(["dvc", "exp", "show", "--json", "--all-commits"], capture_output=True, text=True, check=True)
     found = runs(json.loads(shown.stdout))
     if not found:
         sys.exit("seed_spread: no runs with metrics/summary.json (run dvc repro / dvc exp run first)")
