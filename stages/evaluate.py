@@ -22,7 +22,7 @@ import numpy as np
 from .lib import cifar10, metrics, runners
 from .lib import params as params_lib
 from .lib.errors import PipelineError, run_main
-from .lib.files import atomic_path, read_json, write_json
+from .lib.files import atomic_path, load_npy, read_json, write_json
 
 
 def model_info(model: Path) -> dict:
@@ -75,7 +75,7 @@ def main() -> None:
         if parent["total"] != result["total"]:
             raise PipelineError(f"{args.parent_metrics}: scored {parent['total']} images, "
                                 f"this run {result['total']}; re-run its evaluation")
-        parent_scores = np.load(args.parent_predictions)
+        parent_scores = load_npy(args.parent_predictions, f"predictions of '{args.parent}'")
         agreement = metrics.comparison(parent_scores, scores)
         result.update({
             "parent": args.parent,

@@ -10,6 +10,7 @@ import numpy as np
 
 from .cifar10 import CLASSES
 from .errors import PipelineError
+from .files import load_npy
 from .runners import batches
 
 BATCH_SIZE = 100
@@ -38,10 +39,7 @@ class CalibrationSet:
 
     @classmethod
     def load(cls, directory: str | Path) -> "CalibrationSet":
-        path = Path(directory) / "images.npy"
-        if not path.is_file():
-            raise PipelineError(f"{path}: calibration images not found (run the calibrate stage)")
-        return cls(np.load(path))
+        return cls(load_npy(Path(directory) / "images.npy", "calibration images (run the calibrate stage)"))
 
     def batches(self) -> Iterator[np.ndarray]:
         """float32 NHWC batches, the model's input format."""

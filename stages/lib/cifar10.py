@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import PipelineError
-from .files import sha256_array
+from .files import load_npy, sha256_array
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
            "dog", "frog", "horse", "ship", "truck")
@@ -165,11 +165,9 @@ def save(splits: dict[str, Split], directory: Path) -> None:
 def load(directory: str | Path, split: str, limit: int | None = None) -> Split:
     """Load a prepared split (memory-mapped images); `limit` takes the first N samples."""
     directory = Path(directory)
-    try:
-        images = np.load(directory / f"{split}_images.npy", mmap_mode="r")
-        labels = np.load(directory / f"{split}_labels.npy")
-    except FileNotFoundError as exc:
-        raise PipelineError(f"{exc.filename}: prepared CIFAR-10 file not found (run the fetch_cifar10 stage)") from None
+    what = "prepared CIFAR-10 file (run the fetch_cifar10 stage)"
+    images = load_npy(directory / f"{split}_images.npy", what, mmap=True)
+    labels = load_npy(directory / f"{split}_labels.npy", what)
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     return Split(images, labels)

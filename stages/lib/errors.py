@@ -17,3 +17,7 @@ def run_main(main: Callable[[], None]) -> None:
         message = " ".join(str(exc).split())
         print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
+    except OSError as exc:  # a full or read-only disk, a permission: name the file and the cause
+        where = exc.filename or "output"
+        print(f"error: {where}: {exc.strerror or exc} (check free space and permissions)", file=sys.stderr)
+        sys.exit(1)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -37,10 +38,14 @@ def atomic_path(target: str | os.PathLike, directory: bool = False) -> Iterator[
     """Yield a temporary sibling of `target`; rename it onto `target` only if the block succeeds.
 
     A failure (or a kill) inside the block leaves the previous `target` untouched, or none,
-    and never a partial one; the temporary sibling is removed on failure.
+    and never a partial one; the temporary sibling is removed on failure. Temporaries that a
+    killed earlier run left beside `target` are removed first (they match `.dvcignore`, so DVC
+    never mistakes them for data either).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        _remove(stale)
     if directory:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     else:
@@ -53,11 +58,29 @@ def atomic_path(target: str | os.PathLike, directory: bool = False) -> Iterator[
         os.umask(umask)
         os.chmod(tmp, (0o777 if directory else 0o666) & ~umask)  # mkstemp/mkdtemp made it private
         if directory and (target.exists() or target.is_symlink()):
-            _remove(target)  # a symlink is unlinked, never what it points to
-        os.replace(tmp, target)
+            # a directory cannot be renamed over another: move the old one aside in one step,
+            # so that a kill from here on leaves the old output or none, never half of one
+            aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old.tmp", dir=target.parent))
+            os.replace(target, aside / "old")
+            os.replace(tmp, target)
+            _remove(aside)  # a symlink is unlinked, never what it points to
+        else:
+            os.replace(tmp, target)
     except BaseException:
         _remove(tmp)
         raise
+
+
+def load_npy(path: str | os.PathLike, what: str, mmap: bool = False) -> np.ndarray:
+    """np.load with a one-line error for a missing, truncated or foreign file."""
+    from .errors import PipelineError
+
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: {what} not found") from None
+    except (ValueError, OSError, EOFError) as exc:
+        raise PipelineError(f"{path}: {what} is unreadable or truncated ({exc})") from None
 
 
 def write_json(path: str | os.PathLike, data: object) -> None:

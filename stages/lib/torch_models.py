@@ -21,9 +21,15 @@ def from_onnx(path: Path) -> torch.fx.GraphModule:
     import onnx
     from onnx2torch import convert
 
+    try:
+        graph = onnx.load(str(path))
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: ONNX model not found") from None
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise PipelineError(f"{path}: not a readable ONNX model ({' '.join(str(exc).split())[:200]})") from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return convert(onnx.load(str(path))).eval()
+        return convert(graph).eval()
 
 
 def save_torchscript(model: torch.nn.Module, path: Path, example: np.ndarray) -> None:
