@@ -6,6 +6,7 @@ model here is traced and saved with torch.jit: the archive loads with torch alon
 """
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -40,7 +41,9 @@ def save_torchscript(model: torch.nn.Module, path: Path, example: np.ndarray) ->
     with warnings.catch_warnings(), torch.inference_mode():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(model, inputs, check_trace=False)
-        torch.jit.save(traced, str(path))
+        buffer = io.BytesIO()  # not the file: its (temporary) name would go into the archive
+        torch.jit.save(traced, buffer)
+    path.write_bytes(buffer.getvalue())
     check = torch.from_numpy(np.asarray(example, dtype=np.float32))
     with torch.inference_mode():
         expected, reloaded = model(check), torch_load(path)(check)
