@@ -20,6 +20,7 @@ BATCH_SIZE = 1000
 
 def to_onnx(keras_path: Path, out: Path, opset: int) -> None:
     model = runners.keras_model(keras_path)
+    import onnx
     import tensorflow as tf
     import tf2onnx
 
@@ -29,7 +30,30 @@ def to_onnx(keras_path: Path, out: Path, opset: int) -> None:
     def forward(x):
         return {"probabilities": model(x, training=False)}
 
-    tf2onnx.convert.from_function(forward, input_signature=signature, opset=opset, output_path=str(out))
+    model_proto, _ = tf2onnx.convert.from_function(forward, input_signature=signature, opset=opset)
+    onnx.save(canonical(model_proto), str(out))
+
+
+def canonical(model):
+    """Same model, same bytes: tf2onnx numbers its folded constants in set order (which varies
+    with Python's hash seed) and calls the batch dimension unk__N. Rename both predictably."""
+    graph = model.graph
+    generated = {t.name for t in graph.initializer if t.name.startswith("const_fold_opt__")}
+    renames: dict[str, str] = {}
+    for node in graph.node:
+        for name in node.input:
+            if name in generated and name not in renames:
+                renames[name] = f"const_fold_opt__{len(renames)}"
+    for node in graph.node:
+        node.input[:] = [renames.get(name, name) for name in node.input]
+    for tensor in graph.initializer:
+        tensor.name = renames.get(tensor.name, tensor.name)
+    ordered = sorted(graph.initializer, key=lambda t: t.name)
+    del graph.initializer[:]
+    graph.initializer.extend(ordered)
+    for value in (*graph.input, *graph.output):
+        value.type.tensor_type.shape.dim[0].dim_param = "batch"
+    return model
 
 
 def check_graph(path: Path) -> dict:
