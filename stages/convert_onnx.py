@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from .lib import cifar10, runners
@@ -35,15 +36,15 @@ def to_onnx(keras_path: Path, out: Path, opset: int) -> None:
 
 
 def canonical(model):
-    """Same model, same bytes: tf2onnx numbers its folded constants in set order (which varies
-    with Python's hash seed) and calls the batch dimension unk__N. Rename both predictably."""
+    """Same model, same bytes: tf2onnx numbers the constants it generates (`name__N`) in an order
+    that varies from run to run, and calls the batch dimension unk__N. Rename both predictably."""
     graph = model.graph
-    generated = {t.name for t in graph.initializer if t.name.startswith("const_fold_opt__")}
+    generated = {t.name for t in graph.initializer if re.search(r"__\d+$", t.name)}
     renames: dict[str, str] = {}
     for node in graph.node:
         for name in node.input:
             if name in generated and name not in renames:
-                renames[name] = f"const_fold_opt__{len(renames)}"
+                renames[name] = re.sub(r"__\d+$", f"__{len(renames)}", name)
     for node in graph.node:
         node.input[:] = [renames.get(name, name) for name in node.input]
     for tensor in graph.initializer:
