@@ -1097,7 +1097,7 @@ def test_full_output_file_system_keeps_previous_outputs(base, tmp_path):
     project = clone(base, tmp_path / "project")
     mirror = tmp_path / "mirror"
     mirror.mkdir()
-    with Tmpfs(project / "out", "12m") as fs:
+    with Tmpfs(project / "out", "12m"):
         variant = "onnx"
         eval_argv = ["-m", "stages.evaluate", *evaluate_args(variant, "onnx", ONNX, prefix="out/")]
         write_params(project, {"evaluate": {"samples": 24}})

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 
 import pytest
-import yaml
 
 try:  # tests/ as a package (tests/__init__.py) or as a plain directory on sys.path
     from tests import synthetic as syn
