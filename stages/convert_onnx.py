@@ -32,7 +32,63 @@ def to_onnx(keras_path: Path, out: Path, opset: int) -> None:
         return {"probabilities": model(x, training=False)}
 
     model_proto, _ = tf2onnx.convert.from_function(forward, input_signature=signature, opset=opset)
-    onnx.save(canonical(model_proto), str(out))
+    onnx.save(canonical(drop_unused(constant_reshape_targets(model_proto))), str(out))
+
+
+def constant_reshape_targets(model):
+    """Depending on Python's hash seed, tf2onnx folds Flatten's target shape into a constant
+    [-1, 64] or leaves it as a Shape -> Gather -> Slice -> Concat chain that only copies the batch
+    size. The chain breaks PyTorch's FX quantization (it traces through onnx2torch's Reshape) and
+    changes the bytes. Evaluate each computed target at batch 1 and 2: if only one entry follows the
+    batch size, it becomes the constant with -1 there, as tf2onnx writes it on a good run."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    graph = model.graph
+    constants = {t.name for t in graph.initializer}
+    reshapes = [n for n in graph.node if n.op_type == "Reshape" and n.input[1] not in constants]
+    if not reshapes:
+        return model
+    wanted = [n.input[1] for n in reshapes]
+    probe = onnx.ModelProto()  # the model cut down to what computes the targets
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None)
+                              for name in wanted)
+    session = ort.InferenceSession(drop_unused(probe).SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {i.name for i in session.get_inputs()}
+    one, two = (session.run(wanted, {name: np.zeros((b, 32, 32, 3), np.float32) for name in feeds})
+                for b in (1, 2))
+    for node, at_one, at_two in zip(reshapes, one, two):
+        follows_batch = at_one != at_two
+        if (at_one.shape != at_two.shape or follows_batch.sum() != 1 or (at_one == -1).any()
+                or at_one[follows_batch][0] != 1 or at_two[follows_batch][0] != 2):
+            continue  # not "the batch size and constants": leave it computed
+        target = at_one.astype(np.int64)
+        target[follows_batch] = -1
+        name = f"{node.name}_shape__0"  # renumbered by canonical() like tf2onnx's own constants
+        graph.initializer.append(numpy_helper.from_array(target, name))
+        node.input[1] = name
+    return model
+
+
+def drop_unused(model):
+    """Remove nodes whose outputs nothing reads, then initializers nothing reads."""
+    graph = model.graph
+    while True:
+        read = {name for node in graph.node for name in node.input} | {v.name for v in graph.output}
+        dead = [node for node in graph.node if not any(name in read for name in node.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    read = {name for node in graph.node for name in node.input}
+    unused = [t for t in graph.initializer if t.name not in read]
+    for tensor in unused:
+        graph.initializer.remove(tensor)
+    return model
 
 
 def canonical(model):
@@ -49,6 +105,9 @@ def canonical(model):
         node.input[:] = [renames.get(name, name) for name in node.input]
     for tensor in graph.initializer:
         tensor.name = renames.get(tensor.name, tensor.name)
+    names = [t.name for t in graph.initializer]
+    if len(set(names)) != len(names):
+        raise PipelineError("convert_onnx: renaming tf2onnx's constants made two initializers share a name")
     ordered = sorted(graph.initializer, key=lambda t: t.name)
     del graph.initializer[:]
     graph.initializer.extend(ordered)
