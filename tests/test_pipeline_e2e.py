@@ -118,6 +118,21 @@ def test_quantized_variant_meets_the_bar_and_is_really_quantized(pipeline, varia
     assert np.abs(scores - parent_scores).max() > 1e-3
 
 
+def test_a_fresh_repro_rebuilds_the_committed_lock_and_metrics(pipeline):
+    """The committed dvc.lock and metrics are what this code produces in any clone: same hash for
+    every output, same figures. Nothing may depend on the checkout path, the machine or Python's
+    hash seed, and a code change must come with its re-run lock."""
+    import yaml
+
+    fresh, committed = (yaml.safe_load((root / "dvc.lock").read_text()) for root in (pipeline, REPO))
+    changed = sorted(stage for stage in committed["stages"] | fresh["stages"]
+                     if committed["stages"].get(stage) != fresh["stages"].get(stage))
+    assert not changed, f"stages whose lock entry a fresh repro changes: {changed}"
+    for path in sorted((REPO / "metrics").rglob("*.json")):
+        name = path.relative_to(REPO)
+        assert json.loads((pipeline / name).read_text()) == json.loads(path.read_text()), name
+
+
 def test_second_repro_runs_nothing(pipeline):
     start = time.monotonic()
     output = sh(pipeline, "dvc", "repro").stdout

@@ -107,6 +107,22 @@ def test_convert_torch_matches_onnx_and_reloads_identically_in_fresh_processes(t
     assert alone["scores"] == first["scores"]
 
 
+@pytest.mark.parametrize("model", [FLOAT_MODEL["torch"], "models/torch_int8/model.pt", "models/torch_uint8/model.pt"])
+def test_torchscript_archives_hold_nothing_from_this_checkout(tiny, model):
+    """Same model, same bytes in every clone: no source locations (absolute virtualenv paths)."""
+    import sys
+    import zipfile
+
+    with zipfile.ZipFile(tiny / model) as archive:
+        names = archive.namelist()
+        assert names and not [n for n in names if n.endswith(".debug_pkl")]
+        text = b"".join(archive.read(n) for n in names)
+        data = [i for i in archive.infolist() if "/data/" in i.filename]
+        assert data and all((i.header_offset + 30 + len(i.filename) + len(i.extra)) % 64 == 0 for i in data)
+    for path in {sys.prefix, str(REPO), str(tiny), "site-packages"}:
+        assert path.encode() not in text, path
+
+
 def test_float_variants_write_metrics_confusion_and_predictions(tiny):
     scores = {}
     for variant in FLOAT_MODEL:
