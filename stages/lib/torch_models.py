@@ -42,7 +42,7 @@ def portable_archive(archive: bytes) -> bytes:
     """The TorchScript archive without what ties it to this checkout, so the same model gives the
     same bytes (and dvc.lock hashes) in every clone. torch.jit.save adds, next to each code file, a
     .debug_pkl of source locations holding absolute paths into the virtualenv (used only in error
-    messages), and a serialization id hashed from everything. Copy the records in order, same
+    messages), and a serialization id that changes with them. Copy the records in order, same
     compression, data kept 64-byte aligned as torch writes it, without the .debug_pkl records and
     with the id hashed from what is kept."""
     source = zipfile.ZipFile(io.BytesIO(archive))
