@@ -7,7 +7,6 @@ int8:  qint8 activations, qint8 weights. No torch CPU kernel takes qint8 activat
 """
 from __future__ import annotations
 
-import operator
 from typing import Iterable
 
 import numpy as np
@@ -56,26 +55,6 @@ OBSERVERS = {
 }
 ACTIVATION_DTYPES = {"uint8": torch.quint8, "int8": torch.qint8}
 EXECUTION = {"uint8": "integer-kernels", "int8": "simulated-qdq"}
-
-
-def to_native_ops(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """Turn onnx2torch's Add modules into torch.add calls, which the quantizer knows (add, add_relu)."""
-    from onnx2torch.node_converters.binary_math_operations import OnnxBinaryMathOperation
-
-    for node in list(model.graph.nodes):
-        if node.op != "call_module":
-            continue
-        module = model.get_submodule(node.target)
-        if (isinstance(module, OnnxBinaryMathOperation) and module.math_op_function is torch.add
-                and module.broadcast is None and all(isinstance(a, torch.fx.Node) for a in node.args)):
-            with model.graph.inserting_after(node):
-                replacement = model.graph.call_function(operator.add, tuple(node.args))
-            node.replace_all_uses_with(replacement)
-            model.graph.erase_node(node)
-    model.graph.lint()
-    model.delete_all_unused_submodules()
-    model.recompile()
-    return model
 
 
 def qconfig_mapping(dtype: str, observer: str, per_channel: bool, reduce_range: bool, percentile: float):
@@ -189,7 +168,7 @@ def quantize(float_model: torch.fx.GraphModule, calibration: Iterable[np.ndarray
     from torch.ao.quantization.quantize_fx import convert_fx, convert_to_reference_fx, prepare_fx
 
     torch.backends.quantized.engine = "x86"
-    model = to_native_ops(float_model).eval()
+    model = float_model.eval()
     batches = iter(calibration)
     first = torch.from_numpy(next(batches))
     backend = backend_config(dtype)
