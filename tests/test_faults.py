@@ -1076,21 +1076,30 @@ def fs_fault(project: Path, name: str, stage: str, argv: list[str], outputs: lis
     assert final != before
 
 
+OUT_ORT_INT8 = "out/models/ort_int8"
+
+
+def previous_outputs_under_out(project: Path) -> tuple[list[str], list[str]]:
+    """Good evaluate (onnx) and quantize_ort (int8) outputs under out/, then a parameter change so
+    both must run again; returns their command lines."""
+    eval_argv = ["-m", "stages.evaluate", *evaluate_args("onnx", "onnx", ONNX, prefix="out/")]
+    write_params(project, {"evaluate": {"samples": 24}})
+    run_module(*eval_argv[1:], cwd=project)
+    q_argv = ["-m", "stages.quantize_ort",
+              *quantize_args("int8", FOLDED, OUT_ORT_INT8, layer_error="out/layer_error.json")]
+    run_module(*q_argv[1:], cwd=project)
+    write_params(project, {"quantize_ort": {"percentile": 99.9}})
+    return eval_argv, q_argv
+
+
 def test_read_only_output_directory_keeps_previous_outputs(base, tmp_path):
     project = clone(base, tmp_path / "project")
     with ReadOnly(project / "out") as ro:
-        variant = "onnx"
-        eval_argv = ["-m", "stages.evaluate", *evaluate_args(variant, "onnx", ONNX, prefix="out/")]
-        write_params(project, {"evaluate": {"samples": 24}})
-        run_module(*eval_argv[1:], cwd=project)
-        out = "out/models/ort_int8"
-        q_argv = ["-m", "stages.quantize_ort", *quantize_args("int8", FOLDED, out, layer_error="out/layer_error.json")]
-        run_module(*q_argv[1:], cwd=project)
-        write_params(project, {"quantize_ort": {"percentile": 99.9}})
-        fs_fault(project, "read-only output directory", "evaluate", eval_argv, evaluate_outputs(variant, "out/"),
+        eval_argv, q_argv = previous_outputs_under_out(project)
+        fs_fault(project, "read-only output directory", "evaluate", eval_argv, evaluate_outputs("onnx", "out/"),
                  ro.lock, ro.unlock)
         fs_fault(project, "read-only output directory", "quantize_ort int8", q_argv,
-                 quantize_outputs(out, "out/layer_error.json"), ro.lock, ro.unlock)
+                 quantize_outputs(OUT_ORT_INT8, "out/layer_error.json"), ro.lock, ro.unlock)
 
 
 def test_full_output_file_system_keeps_previous_outputs(base, tmp_path):
@@ -1098,20 +1107,13 @@ def test_full_output_file_system_keeps_previous_outputs(base, tmp_path):
     mirror = tmp_path / "mirror"
     mirror.mkdir()
     with Tmpfs(project / "out", "12m"):
-        variant = "onnx"
-        eval_argv = ["-m", "stages.evaluate", *evaluate_args(variant, "onnx", ONNX, prefix="out/")]
-        write_params(project, {"evaluate": {"samples": 24}})
-        run_module(*eval_argv[1:], cwd=project)
-        out = "out/models/ort_int8"
-        q_argv = ["-m", "stages.quantize_ort", *quantize_args("int8", FOLDED, out, layer_error="out/layer_error.json")]
-        run_module(*q_argv[1:], cwd=project)
-        write_params(project, {"quantize_ort": {"percentile": 99.9}})
+        eval_argv, q_argv = previous_outputs_under_out(project)
         filler = []
         fs_fault(project, "full output file system (ENOSPC)", "evaluate", eval_argv,
-                 evaluate_outputs(variant, "out/"), lambda: filler.append(fill(project / "out")),
+                 evaluate_outputs("onnx", "out/"), lambda: filler.append(fill(project / "out")),
                  lambda: filler.pop().unlink())
         fs_fault(project, "full output file system (ENOSPC)", "quantize_ort int8", q_argv,
-                 quantize_outputs(out, "out/layer_error.json"), lambda: filler.append(fill(project / "out")),
+                 quantize_outputs(OUT_ORT_INT8, "out/layer_error.json"), lambda: filler.append(fill(project / "out")),
                  lambda: filler.pop().unlink())
         # fetch_model: a 5 MB file already there, a new 5 MB one cannot be copied beside it
         name, target = "pretrainedResnet.h5", "out/pretrainedResnet.h5"
