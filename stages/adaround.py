@@ -2,8 +2,8 @@
 weight grid, on the calibration images, and write the folded ONNX graph with those weights.
 
     python -m stages.adaround --dtype int8 --model models/onnx_folded/resnet8.onnx \
-        --calibration data/calibration --out models/adaround_int8/resnet8.onnx \
-        --metrics metrics/adaround/int8.json
+        --calibration data/calibration --ranges models/activation_ranges.json \
+        --out models/adaround_int8/resnet8.onnx --metrics metrics/adaround/int8.json
 
 Both quantizers of that dtype start from this graph; their per-channel symmetric weight
 quantization then lands exactly on the chosen integers. adaround.iterations = 0 turns it off
@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from .lib import params as params_lib
+from .lib import ranges as ranges_lib
 from .lib.calibration import CalibrationSet
 from .lib.errors import run_main
 from .lib.files import atomic_path, write_json
@@ -26,6 +27,7 @@ def main() -> None:
     parser.add_argument("--dtype", required=True, choices=params_lib.DTYPES)
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--calibration", type=Path, required=True)
+    parser.add_argument("--ranges", type=Path, required=True, help="activation ranges (activation_ranges stage)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--metrics", type=Path, required=True)
     args = parser.parse_args()
@@ -42,10 +44,10 @@ def main() -> None:
             from .lib.torch_models import from_onnx
 
             model = from_onnx(args.model)
+            ranges = adaround.input_ranges(args.model, model, ranges_lib.load(args.ranges))
             layers = adaround.adaround(
                 model, calibration.images, adaround.GRIDS[args.dtype], iterations=p["iterations"],
-                seed=all_params["calibrate"]["seed"],
-                activation_percentile=p["input_percentile"] if p["quantized_inputs"] else None)
+                seed=all_params["calibrate"]["seed"], input_ranges=ranges if p["quantized_inputs"] else None)
             adaround.weights_into_onnx(args.model, model, tmp)
     flipped = sum(layer["rounded_away_from_nearest"] for layer in layers.values())
     total = sum(layer["weights"] for layer in layers.values())

@@ -13,7 +13,7 @@ from .lib import params as params_lib
 from .lib.errors import run_main
 from .lib.files import atomic_path, write_json
 from .lib.torch_models import from_onnx, save_torchscript
-from .lib.verify import conversion_report
+from .lib.verify import conversion_report, recorded
 
 BATCH_SIZE = 1000
 
@@ -33,7 +33,7 @@ def main() -> None:
         save_torchscript(from_onnx(args.onnx), tmp, test.images[:64])
         torch_scores = runners.predict_all(runners.load_runner("torch", tmp), test.images, BATCH_SIZE)
         report = conversion_report("convert_torch", onnx_scores, torch_scores, p["max_abs_diff"], p["min_agreement"])
-    write_json(args.metrics, {"format": "torchscript", "vs_onnx": report})
+    write_json(args.metrics, {"format": "torchscript", "vs_onnx": recorded(report)})
     print(f"convert_torch: max |diff| {report['max_abs_diff']:.2e}, "
           f"argmax agreement {report['argmax_agreement']:.4f} on {report['images']} test images")
 

@@ -9,7 +9,8 @@
 A float variant (no --parent) must reach evaluate.expected_accuracy +- evaluate.tolerance when
 it is scored on the full test set. A quantized variant names its float parent: its metrics add
 the accuracy delta in points against the parent's measured accuracy, argmax agreement with the
-parent, and its file size against the parent's.
+parent, and its file size against the parent's. The predictions file holds the predicted labels
+(int64), not the float scores: labels are the same on every CPU kind, scores differ in last bits.
 """
 from __future__ import annotations
 
@@ -75,19 +76,20 @@ def main() -> None:
         if parent["total"] != result["total"]:
             raise PipelineError(f"{args.parent_metrics}: scored {parent['total']} images, "
                                 f"this run {result['total']}; re-run its evaluation")
-        parent_scores = load_npy(args.parent_predictions, f"predictions of '{args.parent}'")
-        agreement = metrics.comparison(parent_scores, scores)
+        parent_labels = load_npy(args.parent_predictions, f"predictions of '{args.parent}'")
+        agreement = metrics.label_agreement(parent_labels, scores.argmax(axis=1))
         result.update({
             "parent": args.parent,
             "parent_accuracy": parent["accuracy"],
             "delta_points": round(100.0 * (result["accuracy"] - parent["accuracy"]), 4),
             "argmax_agreement_with_parent": agreement["argmax_agreement"],
+            "argmax_disagreements_with_parent": agreement["argmax_disagreements"],
             "size_ratio_to_parent": round(result["model_bytes"] / parent["model_bytes"], 4),
         })
 
     with atomic_path(args.predictions) as tmp:
         with open(tmp, "wb") as handle:
-            np.save(handle, scores)
+            np.save(handle, scores.argmax(axis=1).astype(np.int64))
     metrics.write_confusion_csv(args.confusion, scores, test.labels)
     write_json(args.metrics, result)
     extra = f", delta {result['delta_points']:+.2f} points vs {args.parent}" if args.parent else ""

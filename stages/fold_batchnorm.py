@@ -4,7 +4,9 @@ and MatMul + Add into Gemm, with onnxruntime's quant_pre_process; verified again
     python -m stages.fold_batchnorm --onnx models/onnx/resnet8.onnx --data data/cifar10 \
         --out models/onnx_folded/resnet8.onnx --metrics metrics/fold_batchnorm.json
 
-Both quantizers start from this graph: quantizing the unfolded one costs accuracy.
+Both quantizers start from this graph: quantizing the unfolded one costs accuracy. The stage
+checks that every folded weight and bias is the exact float32 result of weight * scale and
+bias * scale + shift (single IEEE operations: the same bits on every CPU kind).
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from .lib import cifar10, runners
 from .lib import params as params_lib
 from .lib.errors import PipelineError, run_main
 from .lib.files import atomic_path, write_json
-from .lib.verify import conversion_report
+from .lib.graph_surgery import fold_mismatches
+from .lib.verify import conversion_report, recorded
 
 BATCH_SIZE = 1000
 
@@ -26,10 +29,15 @@ def fold(source: Path, out: Path) -> dict:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     quant_pre_process(str(source), str(out), skip_symbolic_shape=False)
-    ops = Counter(node.op_type for node in onnx.load(str(out)).graph.node)
+    folded = onnx.load(str(out))
+    ops = Counter(node.op_type for node in folded.graph.node)
     if ops.get("Mul") or ops.get("MatMul"):
         raise PipelineError(f"{out}: folding left {ops.get('Mul', 0)} Mul and {ops.get('MatMul', 0)} "
                             "MatMul nodes; expected every BatchNorm in its Conv and the Dense as Gemm")
+    wrong = fold_mismatches(onnx.load(str(source)), folded)
+    if wrong:
+        raise PipelineError(f"{out}: the folded weights of {', '.join(wrong)} are not the exact float32 "
+                            "products weight * scale and bias * scale + shift (a machine-dependent fold)")
     return dict(sorted(ops.items()))
 
 
@@ -48,7 +56,7 @@ def main() -> None:
         ops = fold(args.onnx, tmp)
         child = runners.predict_all(runners.load_runner("onnx", tmp), test.images, BATCH_SIZE)
         report = conversion_report("fold_batchnorm", parent, child, p["max_abs_diff"], p["min_agreement"])
-    write_json(args.metrics, {"ops": ops, "vs_onnx": report})
+    write_json(args.metrics, {"ops": ops, "vs_onnx": recorded(report)})
     print(f"fold_batchnorm: ops {ops}, max |diff| {report['max_abs_diff']:.2e}")
 
 

@@ -1,10 +1,12 @@
 """Stage quantize_ort: static post-training quantization with ONNX Runtime, one dtype per run.
 
-    python -m stages.quantize_ort --dtype int8 --model models/onnx_folded/resnet8.onnx \
-        --calibration data/calibration --out models/ort_int8
+    python -m stages.quantize_ort --dtype int8 --model models/adaround_int8/resnet8.onnx \
+        --calibration data/calibration --ranges models/activation_ranges.json --out models/ort_int8
 
 `int8`: int8 activations and int8 weights; `uint8`: uint8 activations and uint8 weights.
-Starts from the BatchNorm-folded graph. Writes model.onnx and info.json (settings, execution,
+Starts from the BatchNorm-folded graph (with AdaRound's weights). Every activation range comes from
+the activation_ranges stage, as tensor quantization overrides: ONNX Runtime's own calibration
+pass is reduced to one batch, whose results the overrides replace (checked in the saved model). Writes model.onnx and info.json (settings, execution,
 the graph check that proves every Conv and the Dense layer is quantized).
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 
 from .lib import cifar10, layer_error
 from .lib import params as params_lib
+from .lib import ranges as ranges_lib
 from .lib.calibration import CalibrationSet, ort_reader
 from .lib.errors import run_main
 from .lib.files import atomic_path, write_json
@@ -29,37 +32,35 @@ OP_TYPES = ["Conv", "Gemm", "Add", "Relu", "AveragePool", "Reshape", "Transpose"
 INTEGER_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "QLinearAdd", "ConvInteger", "MatMulInteger")
 
 
-def quantize(model: Path, out: Path, dtype: str, calibration: CalibrationSet, p: dict) -> None:
+def quantize(model: Path, out: Path, dtype: str, calibration: CalibrationSet, ranges: dict, p: dict) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     qtype = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[dtype]
     input_name = onnx_session(model).get_inputs()[0].name
+    one_batch = CalibrationSet(calibration.images[:calibration.batch_size])  # overridden below
     quantize_static(
-        str(model), str(out), ort_reader(calibration, input_name),
+        str(model), str(out), ort_reader(one_batch, input_name),
         quant_format=QuantFormat[p["format"]],
         op_types_to_quantize=OP_TYPES,
         per_channel=p["per_channel"],
         reduce_range=p["reduce_range"],
         activation_type=qtype,
         weight_type=qtype,
-        calibrate_method=CalibrationMethod[p["method"]],
+        calibrate_method=CalibrationMethod.MinMax,
         extra_options={"ActivationSymmetric": p["symmetric_activations"],
                        "WeightSymmetric": p["symmetric_weights"],
-                       "CalibPercentile": p["percentile"]},
+                       "TensorQuantOverrides": ranges_lib.ort_overrides(ranges)},
     )
 
 
 def execution_kind(model: Path) -> tuple[str, list[str]]:
     """What ONNX Runtime's CPU provider really runs after its graph optimizations."""
     import onnx
-    import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as work:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.optimized_model_filepath = str(Path(work) / "optimized.onnx")
-        ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-        ops = sorted({n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node})
+        optimized = Path(work) / "optimized.onnx"
+        onnx_session(model, optimized)
+        ops = sorted({n.op_type for n in onnx.load(str(optimized)).graph.node})
     integer = [op for op in ops if op in INTEGER_OPS]
     return ("integer-kernels" if integer else "simulated-qdq"), ops
 
@@ -69,6 +70,7 @@ def main() -> None:
     parser.add_argument("--dtype", required=True, choices=params_lib.DTYPES)
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--calibration", type=Path, required=True)
+    parser.add_argument("--ranges", type=Path, required=True, help="activation ranges (activation_ranges stage)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--float-model", type=Path, required=True, help="float graph for the per-layer error")
     parser.add_argument("--data", type=Path, required=True, help="prepared CIFAR-10 (test images for the error)")
@@ -79,7 +81,7 @@ def main() -> None:
 
     calibration = CalibrationSet.load(args.calibration)
     with atomic_path(args.out, directory=True) as tmp:
-        quantize(args.model, tmp / "model.onnx", args.dtype, calibration, p)
+        quantize(args.model, tmp / "model.onnx", args.dtype, calibration, ranges_lib.load(args.ranges), p)
         summary = onnx_summary(tmp / "model.onnx")
         require_quantized(variant, summary, WEIGHTED_LAYERS)
         execution, runtime_ops = execution_kind(tmp / "model.onnx")

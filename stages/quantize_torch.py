@@ -1,9 +1,10 @@
 """Stage quantize_torch: static post-training quantization with PyTorch (FX), one dtype per run.
 
-    python -m stages.quantize_torch --dtype uint8 --model models/onnx_folded/resnet8.onnx \
-        --calibration data/calibration --out models/torch_uint8
+    python -m stages.quantize_torch --dtype uint8 --model models/adaround_uint8/resnet8.onnx \
+        --calibration data/calibration --ranges models/activation_ranges.json --out models/torch_uint8
 
-Starts from the BatchNorm-folded graph (onnx2torch). `uint8`: quint8 activations, qint8
+Starts from the BatchNorm-folded graph with AdaRound's weights (onnx2torch); every activation
+observer holds the range from the activation_ranges stage (no calibration pass in torch). `uint8`: quint8 activations, qint8
 weights, fbgemm/x86 integer kernels. `int8`: qint8 activations and weights, a reference
 (simulated quantize/dequantize) model, because no torch CPU kernel takes qint8 activations.
 Writes model.pt (TorchScript) and info.json (settings, execution, graph check).
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from .lib import cifar10, layer_error
 from .lib import params as params_lib
+from .lib import ranges as ranges_lib
 from .lib.calibration import CalibrationSet
 from .lib.errors import run_main
 from .lib.files import atomic_path, write_json
@@ -32,6 +34,7 @@ def main() -> None:
     parser.add_argument("--dtype", required=True, choices=params_lib.DTYPES)
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--calibration", type=Path, required=True)
+    parser.add_argument("--ranges", type=Path, required=True, help="activation ranges (activation_ranges stage)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--float-model", type=Path, required=True, help="float graph for the per-layer error")
     parser.add_argument("--data", type=Path, required=True, help="prepared CIFAR-10 (test images for the error)")
@@ -41,8 +44,10 @@ def main() -> None:
     variant = f"torch_{args.dtype}"
 
     calibration = CalibrationSet.load(args.calibration)
-    model = quantize(from_onnx(args.model), calibration.batches(), args.dtype,
-                     p["observer"], p["per_channel"], p["reduce_range"], p["percentile"])
+    import onnx
+
+    model = quantize(from_onnx(args.model), onnx.load(str(args.model)).graph, ranges_lib.load(args.ranges),
+                     args.dtype, p["per_channel"], p["reduce_range"], next(calibration.batches()))
     with atomic_path(args.out, directory=True) as tmp:
         save_torchscript(model, tmp / "model.pt", calibration.images[:64])
         summary = torch_summary(torch_load(tmp / "model.pt"))

@@ -2,8 +2,8 @@
 
     python -m tests.inspect_model onnx|torch PATH
 
-onnx: quant_checks.onnx_summary; torch: quant_checks.torch_summary plus whether two loads
-give bit-identical outputs on a fixed input.
+onnx: quant_checks.onnx_summary; torch: quant_checks.torch_summary; both with the model's scores
+on a fixed random input ("scores"), to compare a quantized model's outputs with its parent's.
 """
 from __future__ import annotations
 
@@ -21,6 +21,6 @@ if __name__ == "__main__":
         summary = quant_checks.onnx_summary(path)
     else:
         summary = quant_checks.torch_summary(runners.torch_load(path))
-        x = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3)).astype(np.float32)
-        summary["scores"] = runners.load_runner("torch", path)(x).tolist()
+    x = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3)).astype(np.float32)
+    summary["scores"] = runners.load_runner(kind, path)(x).tolist()
     print(json.dumps(summary))

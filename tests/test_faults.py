@@ -85,6 +85,7 @@ ONNX = "models/onnx/resnet8.onnx"
 FOLDED = "models/onnx_folded/resnet8.onnx"
 DATA = "data/cifar10"
 CALIBRATION = "data/calibration"
+RANGES = "models/activation_ranges.json"
 TINY = {"calibrate": {"samples": 100}, "adaround": {"iterations": 30}, "evaluate": {"samples": 48}}
 DVC = Path(sys.executable).parent / "dvc"
 
@@ -102,22 +103,15 @@ def write_params(project: Path, edits: dict | None = None) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def layer_error_outputs() -> bool:
-    """Whether the quantize stages also write a per-layer error JSON (--layer-error)."""
-    return "--layer-error" in (REPO / "stages/quantize_ort.py").read_text()
-
-
 def quantize_args(dtype: str, model: str, out: str, calibration: str = CALIBRATION,
                   layer_error: str | None = None) -> list[str]:
-    args = ["--dtype", dtype, "--model", model, "--calibration", calibration, "--out", out]
-    if layer_error_outputs():
-        args += ["--float-model", FOLDED, "--data", DATA,
-                 "--layer-error", layer_error or f"metrics/layer_error/{Path(out).name}.json"]
-    return args
+    return ["--dtype", dtype, "--model", model, "--calibration", calibration, "--ranges", RANGES, "--out", out,
+            "--float-model", FOLDED, "--data", DATA,
+            "--layer-error", layer_error or f"metrics/layer_error/{Path(out).name}.json"]
 
 
 def quantize_outputs(out: str, layer_error: str | None = None) -> list[str]:
-    return [out] + ([layer_error or f"metrics/layer_error/{Path(out).name}.json"] if layer_error_outputs() else [])
+    return [out, layer_error or f"metrics/layer_error/{Path(out).name}.json"]
 
 
 def evaluate_args(variant: str, kind: str, model: str, prefix: str = "", data: str = DATA) -> list[str]:
@@ -152,6 +146,8 @@ def build_base(project: Path) -> Path:
     parallel(lambda: run_module("stages.fold_batchnorm", "--onnx", ONNX, "--data", DATA, "--out", FOLDED,
                                 "--metrics", "metrics/fold_batchnorm.json", cwd=project),
              lambda: run_module("stages.calibrate", "--data", DATA, "--out", CALIBRATION, cwd=project))
+    run_module("stages.activation_ranges", "--model", FOLDED, "--calibration", CALIBRATION, "--out", RANGES,
+               cwd=project)
     parallel(lambda: run_module("stages.quantize_ort", *quantize_args("int8", FOLDED, "models/ort_int8"), cwd=project),
              lambda: run_module("stages.quantize_torch", *quantize_args("uint8", FOLDED, "models/torch_uint8"),
                                 cwd=project))
@@ -442,7 +438,7 @@ def test_sigkill_during_fetch_model_keeps_previous_or_nothing_and_rerun_succeeds
 
 def test_sigkill_during_quantize_ort_at_timed_moments(base, tmp_path):
     project = clone(base, tmp_path / "project")
-    write_params(project, {"quantize_ort": {"percentile": 99.9}})  # so that new != previous
+    write_params(project, {"quantize_ort": {"symmetric_activations": True}})  # so that new != previous
     out = "models/ort_int8"
     argv = ["-m", "stages.quantize_ort", *quantize_args("int8", FOLDED, out)]
     outputs = quantize_outputs(out)
@@ -456,7 +452,7 @@ def test_sigkill_during_quantize_ort_at_timed_moments(base, tmp_path):
 
 def test_sigkill_during_quantize_torch_at_timed_moments(base, tmp_path):
     project = clone(base, tmp_path / "project")
-    write_params(project, {"quantize_torch": {"observer": "MinMax"}})  # so that new != previous
+    write_params(project, {"quantize_torch": {"per_channel": False}})  # so that new != previous
     out = "models/torch_uint8"
     argv = ["-m", "stages.quantize_torch", *quantize_args("uint8", FOLDED, out)]
     outputs = quantize_outputs(out)
@@ -507,7 +503,7 @@ def test_sigkill_injected_at_each_step_of_each_atomic_write(base, tmp_path, stag
         out = "models/ort_int8"
         argv = ["stages.quantize_ort", *quantize_args("int8", FOLDED, out)]
         outputs = quantize_outputs(out)
-        old_params, new_params = {}, {"quantize_ort": {"percentile": 99.9}}
+        old_params, new_params = {}, {"quantize_ort": {"symmetric_activations": True}}
     inject = ["-m", "tests.faults_helpers", "inject"]
 
     # a traced normal run makes the previous outputs and lists the atomic blocks in order
@@ -570,7 +566,7 @@ def test_sigkill_while_the_old_output_directory_is_deleted_leaves_old_or_none(ba
     """Found by the timed kills: the window is short but real, for every directory output
     (data/cifar10, data/calibration, models/ort_*, models/torch_*, report's plot directories)."""
     project = clone(base, tmp_path / "project")
-    write_params(project, {"quantize_ort": {"percentile": 99.9}})
+    write_params(project, {"quantize_ort": {"symmetric_activations": True}})
     out = "models/ort_int8"
     argv = ["stages.quantize_ort", *quantize_args("int8", FOLDED, out)]
     before = digest(project / out)
@@ -601,7 +597,7 @@ stages:
     outs: [data/calibration]
   quantize_ort:
     cmd: python -m stages.quantize_ort {quantize}
-    deps: [models/onnx_folded/resnet8.onnx, data/calibration, data/cifar10]
+    deps: [models/onnx_folded/resnet8.onnx, data/calibration, models/activation_ranges.json, data/cifar10]
     params: [quantize_ort]
     outs: [models/ort_int8]
 {layer_error}
@@ -662,13 +658,12 @@ def test_sigkill_of_dvc_repro_then_repro_succeeds_and_status_is_clean(base, tmp_
     project = tmp_path / "dvcproject"
     project.mkdir()
     write_params(project)
-    for path in (DATA, FOLDED):
+    for path in (DATA, FOLDED, RANGES):
         src, dst = base / path, project / path
         dst.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if src.is_dir() else shutil.copy)(src, dst)
     quantize = " ".join(quantize_args("int8", FOLDED, "models/ort_int8"))
-    layer_error = ("    metrics:\n      - metrics/layer_error/ort_int8.json:\n          cache: false"
-                   if layer_error_outputs() else "")
+    layer_error = "    metrics:\n      - metrics/layer_error/ort_int8.json:\n          cache: false"
     evaluate = " ".join(evaluate_args("ort_int8", "onnx", "models/ort_int8/model.onnx"))
     (project / "dvc.yaml").write_text(DVC_YAML.format(quantize=quantize, layer_error=layer_error, evaluate=evaluate))
     outputs = [CALIBRATION, *quantize_outputs("models/ort_int8"), *evaluate_outputs("ort_int8")]
@@ -680,11 +675,11 @@ def test_sigkill_of_dvc_repro_then_repro_succeeds_and_status_is_clean(base, tmp_
     # New parameters make dvc run stages it has never run with them (no cache to restore from);
     # their expected outputs come from uninterrupted `dvc repro`s in copies, in the background.
     seed = {"calibrate": {"seed": 1}}
-    percentile = {**seed, "quantize_ort": {"percentile": 99.9}}
-    samples = {**percentile, "evaluate": {"samples": 24}}
+    symmetric = {**seed, "quantize_ort": {"symmetric_activations": True}}
+    samples = {**symmetric, "evaluate": {"samples": 24}}
     scenarios = [  # (fault, params, --force?, printed line to wait for, then seconds, kill the group?)
         ("SIGKILL dvc repro (group) 0.1 s into calibrate", seed, False, r"Running stage 'calibrate'", 0.1, True),
-        ("SIGKILL dvc repro (group) mid quantize_ort", percentile, False, r"Running stage 'quantize_ort'", 0.5, True),
+        ("SIGKILL dvc repro (group) mid quantize_ort", symmetric, False, r"Running stage 'quantize_ort'", 0.5, True),
         ("SIGKILL dvc repro (group) 0.1 s into evaluate", samples, False, r"Running stage 'evaluate'", 0.1, True),
         ("SIGKILL dvc repro --force (group) as quantize_ort ends", {}, True,
          r"quantize_ort \w+: .*quantized", 0.0, True),
@@ -829,7 +824,7 @@ CORRUPT = [
     Corrupt("garbage-onnx>quantize_torch", "stages.quantize_torch", _q("uint8", "bad/garbage.onnx", "c15"),
             "bad/garbage.onnx"),
     Corrupt("garbage-onnx>adaround", "stages.adaround",
-            ("--dtype", "int8", "--model", "bad/garbage.onnx", "--calibration", CALIBRATION,
+            ("--dtype", "int8", "--model", "bad/garbage.onnx", "--calibration", CALIBRATION, "--ranges", RANGES,
              "--out", "out/c16/a.onnx", "--metrics", "out/c16/m.json"), "bad/garbage.onnx"),
     Corrupt("truncated-parent-predictions>evaluate", "stages.evaluate", _e("onnx", ONNX, "c17", parent=True),
             "bad/parent_truncated.npy"),
@@ -1088,7 +1083,7 @@ def previous_outputs_under_out(project: Path) -> tuple[list[str], list[str]]:
     q_argv = ["-m", "stages.quantize_ort",
               *quantize_args("int8", FOLDED, OUT_ORT_INT8, layer_error="out/layer_error.json")]
     run_module(*q_argv[1:], cwd=project)
-    write_params(project, {"quantize_ort": {"percentile": 99.9}})
+    write_params(project, {"quantize_ort": {"symmetric_activations": True}})
     return eval_argv, q_argv
 
 

@@ -244,6 +244,24 @@ def test_comparison_identical_scores():
         "max_abs_diff": 0.0, "argmax_agreement": 1.0, "argmax_disagreements": 0}
 
 
+@pytest.mark.parametrize("value, bound", [(0.0, 0.0), (3.6e-6, 1e-5), (1e-5, 1e-5), (1.0000001e-5, 1e-4),
+                                          (0.3, 1.0), (2.0, 10.0)])
+def test_power_of_ten_bound(value, bound):
+    assert metrics.power_of_ten_bound(value) == pytest.approx(bound, rel=1e-12)
+
+
+def test_power_of_ten_bound_ignores_last_bit_noise():
+    """The canonical form must not move when a figure moves by float32 last-bit noise."""
+    for value in (3.576e-6, 4.1e-7, 0.0123):
+        noisy = np.float32(value) * (1 + np.array([-4, -1, 1, 4]) * np.finfo(np.float32).eps)
+        assert {metrics.power_of_ten_bound(float(v)) for v in noisy} == {metrics.power_of_ten_bound(value)}
+
+
+def test_label_agreement():
+    assert metrics.label_agreement(np.array([0, 1, 2, 3]), np.array([0, 1, 2, 0])) == {
+        "argmax_agreement": 0.75, "argmax_disagreements": 1}
+
+
 def test_comparison_shape_mismatch():
     with pytest.raises(ValueError, match="shapes differ"):
         metrics.comparison(np.zeros((4, 10)), np.zeros((5, 10)))

@@ -56,12 +56,12 @@ BAD_EDITS = [
     ("dtypes empty", _set("quantize", "dtypes", []), ["quantize.dtypes", "= []", "non-empty"]),
     ("dtypes duplicate", _set("quantize", "dtypes", ["int8", "int8"]), ["quantize.dtypes", "['int8', 'int8']", "distinct"]),
     ("dtypes a string", _set("quantize", "dtypes", "int8"), ["quantize.dtypes", "'int8'"]),
-    ("ort method Foo", _set("quantize_ort", "method", "Foo"), ["quantize_ort.method", "'Foo'", "MinMax, Entropy, Percentile"]),
+    ("calibration method Foo", _set("calibrate", "method", "Foo"), ["calibrate.method", "'Foo'", "MinMax, Percentile"]),
     ("ort format", _set("quantize_ort", "format", "qdq"), ["quantize_ort.format", "'qdq'", "QDQ"]),
-    ("ort percentile", _set("quantize_ort", "percentile", 101), ["quantize_ort.percentile", "101"]),
+    ("calibration percentile", _set("calibrate", "percentile", 101), ["calibrate.percentile", "101"]),
     ("ort per_channel not bool", _set("quantize_ort", "per_channel", "yes"), ["quantize_ort.per_channel", "'yes'", "true or false"]),
     ("ort per_channel int", _set("quantize_ort", "per_channel", 1), ["quantize_ort.per_channel", "= 1"]),
-    ("torch observer", _set("quantize_torch", "observer", "Minmax"), ["quantize_torch.observer", "'Minmax'"]),
+    ("torch per_channel", _set("quantize_torch", "per_channel", "yes"), ["quantize_torch.per_channel", "'yes'"]),
     ("samples 0", _set("calibrate", "samples", 0), ["calibrate.samples", "= 0", ">= 10", "<= 50000"]),
     ("samples -5", _set("calibrate", "samples", -5), ["calibrate.samples", "-5"]),
     ("samples 50001", _set("calibrate", "samples", 50001), ["calibrate.samples", "50001", "<= 50000"]),
@@ -110,7 +110,7 @@ def test_bad_edit_is_refused_naming_key_and_value(edit, needles):
     ("evaluate", "samples", 10000), ("evaluate", "batch_size", 1), ("evaluate", "tolerance", 0),
     ("evaluate", "tolerance", 0.5), ("evaluate", "expected_accuracy", 1), ("convert", "min_agreement", 1),
     ("quantize", "dtypes", ["uint8"]), ("quantize", "dtypes", ["uint8", "int8"]),
-    ("quantize_ort", "format", "QOperator"), ("quantize_ort", "percentile", 100),
+    ("quantize_ort", "format", "QOperator"), ("calibrate", "percentile", 100),
     ("fetch_model", "base_url", "file:///srv/mirror"), ("fetch_cifar10", "source", "local"),
 ])
 def test_boundary_values_are_accepted(group, key, value):
@@ -164,8 +164,8 @@ def test_load_default_path_is_params_yaml_in_the_current_directory(tmp_path, mon
 
 
 def test_load_reports_bad_value_from_file(tmp_path):
-    path = syn.write_params(tmp_path, {"quantize_ort": {"method": "Foo"}})
-    with pytest.raises(PipelineError, match=r"quantize_ort.method = 'Foo' is not allowed"):
+    path = syn.write_params(tmp_path, {"calibrate": {"method": "Foo"}})
+    with pytest.raises(PipelineError, match=r"calibrate.method = 'Foo' is not allowed"):
         params.load(path)
 
 

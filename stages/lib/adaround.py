@@ -2,8 +2,10 @@
 choose, per weight, whether to round up or down so that each layer's output on calibration
 images stays closest to the float layer's, instead of rounding every weight to nearest.
 
-Works on the BatchNorm-folded float graph (onnx2torch) and returns, per Conv / Gemm initializer,
-float weights that already lie on the integer grid of the target weight format. A quantizer that
+Works on the BatchNorm-folded float graph (onnx2torch), in float64 (so that the last-bit
+differences between CPU kinds are far below anything that could flip a rounding decision), and
+returns, per Conv / Gemm initializer, weights that already lie on the integer grid of the target
+weight format. A quantizer that
 uses the same grid (per-channel symmetric, scale = max|w| / grid_max) maps them exactly onto the
 chosen integers, so the result feeds ONNX Runtime and PyTorch alike.
 """
@@ -74,24 +76,41 @@ def round_layer(module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        hard = torch.clamp(floor + (_soft(v) >= 0.5).float(), low, high) * scale
+        hard = torch.clamp(floor + (_soft(v) >= 0.5).to(floor.dtype), low, high) * scale
         return torch.where(fixed, weight, hard)
 
 
-def _capture(model: nn.Module, module: nn.Module, images: torch.Tensor, batch: int = 250):
-    """The layer's inputs and outputs on `images`."""
-    seen_in, seen_out = [], []
+class _Enough(Exception):
+    """Raised by a capture hook once the last wanted layer has run: the rest of the model is skipped."""
 
-    def hook(_module, args, output) -> None:
-        seen_in.append(args[0].detach())
-        seen_out.append(output.detach())
 
-    handle = module.register_forward_hook(hook)
-    with torch.no_grad():
-        for start in range(0, len(images), batch):
-            model(images[start:start + batch])
-    handle.remove()
-    return torch.cat(seen_in), torch.cat(seen_out)
+def _capture(model: nn.Module, modules: list[nn.Module], images: torch.Tensor, perturb=None,
+             batch: int = 250) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each module's (inputs, outputs) on `images`, in one pass that stops after the last of
+    them has run (modules in graph order); each tensor passed through `perturb` when given."""
+    seen = [([], []) for _ in modules]
+    change = (lambda t: t) if perturb is None else (lambda t: torch.from_numpy(perturb(t.numpy())))
+
+    def hook_for(index: int):
+        def hook(_module, args, output) -> None:
+            seen[index][0].append(change(args[0].detach()))
+            seen[index][1].append(change(output.detach()))
+            if index == len(modules) - 1:
+                raise _Enough
+        return hook
+
+    handles = [module.register_forward_hook(hook_for(i)) for i, module in enumerate(modules)]
+    try:
+        with torch.no_grad():
+            for start in range(0, len(images), batch):
+                try:
+                    model(images[start:start + batch])
+                except _Enough:
+                    pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [(torch.cat(inputs), torch.cat(outputs)) for inputs, outputs in seen]
 
 
 def fake_quantize(x: torch.Tensor, low: float, high: float, levels: int = 256) -> torch.Tensor:
@@ -100,34 +119,31 @@ def fake_quantize(x: torch.Tensor, low: float, high: float, levels: int = 256) -
     return (torch.clamp(torch.round(x / scale) + zero, 0, levels - 1) - zero) * scale
 
 
-def _range(x: torch.Tensor, percentile: float) -> tuple[float, float]:
-    flat = x.flatten()
-    if flat.numel() > 4_000_000:
-        flat = flat[torch.randint(0, flat.numel(), (4_000_000,), generator=torch.Generator().manual_seed(0))]
-    q = torch.quantile(flat, torch.tensor([1 - percentile / 100, percentile / 100]))
-    return min(float(q[0]), 0.0), max(float(q[1]), 0.0)
-
-
 def adaround(model: nn.Module, images: np.ndarray, grid: Grid, iterations: int = 1000,
-             batch: int = 32, seed: int = 0, activation_percentile: float | None = 99.99) -> dict:
-    """Round every Conv2d and Linear of `model` layer by layer, in graph order. Each layer learns
-    to reproduce the float model's outputs from the inputs it will see once quantized: computed
-    with the layers before it already rounded and, with activation_percentile, with every layer's
-    input fake-quantized to 8 bits. Returns {module name: stats}; `model` keeps the new weights."""
+             batch: int = 32, seed: int = 0, input_ranges: dict | None = None,
+             perturb=None) -> dict:
+    """Round every Conv2d and Linear of `model` layer by layer, in graph order, in float64. Each
+    layer learns to reproduce the float model's outputs from the inputs it will see once
+    quantized: computed with the layers before it already rounded and, with `input_ranges`
+    ({module name: (low, high)}), with every layer's input fake-quantized to 8 bits over that
+    range. `perturb` (tests) is applied to every captured float activation. Returns
+    {module name: stats}; `model` is left in float64 with the new weights."""
     import copy
 
-    x = torch.from_numpy(np.asarray(images, dtype=np.float32))
-    float_model = copy.deepcopy(model).eval()
+    model = model.double().eval()
+    x = torch.from_numpy(np.asarray(images, dtype=np.float64))
+    float_model = copy.deepcopy(model)
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     float_layers = dict(float_model.named_modules())
     hooks, result = [], {}
+    float_outputs = _capture(float_model, [float_layers[name] for name, _ in layers], x, perturb)
     for index, (name, module) in enumerate(layers):
-        float_inputs, targets = _capture(float_model, float_layers[name], x)
-        if activation_percentile is not None and index > 0:  # the first input is exact 8-bit pixels
-            low, high = _range(float_inputs, activation_percentile)
+        targets = float_outputs[index][1]
+        if input_ranges is not None and index > 0:  # the first input is exact 8-bit pixels
+            low, high = input_ranges[name]
             hooks.append(module.register_forward_pre_hook(
                 lambda _m, args, low=low, high=high: (fake_quantize(args[0], low, high),)))
-        inputs, _ = _capture(model, module, x)
+        [(inputs, _)] = _capture(model, [module], x, perturb)
         weight = round_layer(module, inputs, targets, grid, iterations, batch, seed + index)
         scale = channel_scale(module.weight.detach(), grid)
         flipped = int((torch.round(weight / scale) != torch.round(module.weight.detach() / scale)).sum())
@@ -137,6 +153,27 @@ def adaround(model: nn.Module, images: np.ndarray, grid: Grid, iterations: int =
     for hook in hooks:
         hook.remove()
     return result
+
+
+def onnx_node_of(nodes: dict, module_name: str):
+    """The ONNX node an onnx2torch module came from (a padded Conv becomes `<node>.1`)."""
+    node = nodes.get(module_name) or nodes.get(module_name.rsplit(".", 1)[0])
+    if node is None:
+        raise KeyError(f"no ONNX node for module {module_name}")
+    return node
+
+
+def input_ranges(onnx_path, model: nn.Module, ranges: dict) -> dict:
+    """{Conv / Linear module name: (low, high)} of the ONNX tensor that feeds it."""
+    import onnx
+
+    nodes = {node.name: node for node in onnx.load(str(onnx_path)).graph.node}
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            tensor = onnx_node_of(nodes, name).input[0]
+            found[name] = (ranges[tensor].low, ranges[tensor].high)
+    return found
 
 
 def weights_into_onnx(onnx_path, model: nn.Module, out_path) -> int:
@@ -152,9 +189,7 @@ def weights_into_onnx(onnx_path, model: nn.Module, out_path) -> int:
     for name, module in model.named_modules():
         if not isinstance(module, (nn.Conv2d, nn.Linear)):
             continue
-        node = nodes.get(name) or nodes.get(name.rsplit(".", 1)[0])
-        if node is None:
-            raise KeyError(f"no ONNX node for module {name}")
+        node = onnx_node_of(nodes, name)
         weight = module.weight.detach().numpy()
         if node.op_type == "Gemm":
             trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)

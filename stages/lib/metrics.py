@@ -1,7 +1,13 @@
-"""Classification metrics and model-to-model comparison, computed from scores and labels."""
+"""Classification metrics and model-to-model comparison, computed from scores and labels.
+
+What is written to a metrics file must be the same on every machine: counts and ratios of
+predicted labels are; float scores differ in their last bits between CPU kinds, so a float
+difference is recorded only as the power of ten it stays below (power_of_ten_bound).
+"""
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import numpy as np
@@ -28,14 +34,28 @@ def classification(scores: np.ndarray, labels: np.ndarray) -> dict:
     }
 
 
+def power_of_ten_bound(value: float) -> float:
+    """The smallest power of ten >= value (0 for 0): a canonical form of a float difference."""
+    return 0.0 if value <= 0 else float(10.0 ** math.ceil(round(math.log10(value), 9)))
+
+
+def label_agreement(parent: np.ndarray, child: np.ndarray) -> dict:
+    """How often two models predict the same label (1-D label arrays) on the same images."""
+    if parent.shape != child.shape:
+        raise ValueError(f"prediction shapes differ: {parent.shape} vs {child.shape}")
+    return {
+        "argmax_agreement": round(float((parent == child).mean()), 6),
+        "argmax_disagreements": int((parent != child).sum()),
+    }
+
+
 def comparison(parent: np.ndarray, child: np.ndarray) -> dict:
     """How closely `child` scores follow `parent` scores on the same images."""
     if parent.shape != child.shape:
         raise ValueError(f"score shapes differ: {parent.shape} vs {child.shape}")
     return {
         "max_abs_diff": float(np.abs(parent.astype(np.float64) - child).max()),
-        "argmax_agreement": round(float((parent.argmax(1) == child.argmax(1)).mean()), 6),
-        "argmax_disagreements": int((parent.argmax(1) != child.argmax(1)).sum()),
+        **label_agreement(parent.argmax(1), child.argmax(1)),
     }
 
 

@@ -56,13 +56,29 @@ def keras_runner(path: Path) -> Predict:
     return predict
 
 
-def onnx_session(path: Path):
+def onnx_session_options(optimized_model: Path | None = None):
+    """ONNX Runtime's CPU session options for every model here. `session.qdqisint8allowed`: on x86,
+    ONNX Runtime otherwise keeps int8 (S8) activations out of its integer kernels: it rewrites them
+    to uint8 where a quantize node has one consumer and runs the rest as float between Q/DQ nodes
+    (3 of 9 Conv in QLinearConv for ResNet8). With it, every int8 Conv / Add / Gemm runs as an
+    integer kernel, whose int32 accumulation is exact on every x86 CPU kind (no uint8 x int8
+    16-bit saturation as on AVX2 without VNNI)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.add_session_config_entry("session.qdqisint8allowed", "1")
+    if optimized_model is not None:
+        options.optimized_model_filepath = str(optimized_model)
+    return options
+
+
+def onnx_session(path: Path, optimized_model: Path | None = None):
+    import onnxruntime as ort
+
     try:
-        return ort.InferenceSession(str(_require(path)), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(_require(path)), onnx_session_options(optimized_model),
+                                    providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types
         raise PipelineError(f"{path}: onnxruntime cannot load it ({' '.join(str(exc).split())[:200]})") from None
 

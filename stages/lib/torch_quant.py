@@ -7,8 +7,6 @@ int8:  qint8 activations, qint8 weights. No torch CPU kernel takes qint8 activat
 """
 from __future__ import annotations
 
-from typing import Iterable
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -16,54 +14,16 @@ from torch import nn
 
 from .adaround import GRIDS
 
-class PercentileObserver(torch.ao.quantization.observer.UniformQuantizationObserverBase):
-    """Range = the [100 - p, p] percentiles of the values seen (a seeded sample of each batch),
-    widened to include 0: the same rule as ONNX Runtime's Percentile calibration."""
-
-    SAMPLE = 200_000
-
-    def __init__(self, percentile: float = 99.99, dtype=torch.quint8, qscheme=torch.per_tensor_affine,
-                 reduce_range: bool = False, **kwargs) -> None:
-        super().__init__(dtype=dtype, qscheme=qscheme, reduce_range=reduce_range, **kwargs)
-        self.percentile = percentile
-        self.samples: list[torch.Tensor] = []
-        self.register_buffer("min_val", torch.tensor(float("inf")))
-        self.register_buffer("max_val", torch.tensor(float("-inf")))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        values = x.detach().flatten().float()
-        if values.numel() > self.SAMPLE:
-            generator = torch.Generator().manual_seed(len(self.samples))
-            values = values[torch.randint(0, values.numel(), (self.SAMPLE,), generator=generator)]
-        self.samples.append(values)
-        return x
-
-    @torch.jit.export
-    def calculate_qparams(self):
-        values = torch.cat(self.samples)
-        tail = (100.0 - self.percentile) / 100.0
-        low, high = torch.quantile(values, torch.tensor([tail, 1.0 - tail]))
-        self.min_val, self.max_val = torch.clamp(low, max=0.0), torch.clamp(high, min=0.0)
-        return self._calculate_qparams(self.min_val, self.max_val)
-
-
-OBSERVERS = {
-    "MinMax": torch.ao.quantization.MinMaxObserver,
-    "MovingAverageMinMax": torch.ao.quantization.MovingAverageMinMaxObserver,
-    "Histogram": torch.ao.quantization.HistogramObserver,
-    "Percentile": PercentileObserver,
-}
 ACTIVATION_DTYPES = {"uint8": torch.quint8, "int8": torch.qint8}
 EXECUTION = {"uint8": "integer-kernels", "int8": "simulated-qdq"}
 
 
-def qconfig_mapping(dtype: str, observer: str, per_channel: bool, reduce_range: bool, percentile: float):
+def qconfig_mapping(dtype: str, per_channel: bool, reduce_range: bool):
     from torch.ao.quantization import QConfig, QConfigMapping
 
-    act_dtype = ACTIVATION_DTYPES[dtype]
-    extra = {"percentile": percentile} if observer == "Percentile" else {}
-    activation = OBSERVERS[observer].with_args(dtype=act_dtype, qscheme=torch.per_tensor_affine,
-                                               reduce_range=reduce_range, **extra)
+    # activation observers are placeholders: fix_activation_ranges gives each its calibrated range
+    activation = torch.ao.quantization.MinMaxObserver.with_args(
+        dtype=ACTIVATION_DTYPES[dtype], qscheme=torch.per_tensor_affine, reduce_range=reduce_range)
     # the weight grid AdaRound rounds onto for this dtype (the one ONNX Runtime uses too)
     grid = dict(quant_min=GRIDS[dtype].qmin, quant_max=GRIDS[dtype].qmax)
     if per_channel:
@@ -145,40 +105,70 @@ def store_integer_weights(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return model
 
 
-def pin_input_range(prepared: torch.fx.GraphModule, low: float = 0.0, high: float = 255.0) -> int:
-    """The input is 8-bit pixels: give its observer the exact range, so that quantizing it is
-    lossless (scale 1; zero point 0 for quint8, -128 for qint8) instead of a calibrated guess."""
-    pinned = 0
+def observed_tensor(prepared: torch.fx.GraphModule, node: torch.fx.Node, onnx_graph) -> str:
+    """The ONNX tensor whose values the FX node `node` computes. onnx2torch names each module after
+    its ONNX node; FX keeps that name as the node's module path (nn_module_stack), splits a padded
+    Conv into `<node>.0` (the Pad) and `<node>.1`, and fuses Conv + ReLU into one module."""
+    if node.op == "placeholder":
+        return onnx_graph.input[0].name
+    nodes = {n.name: n for n in onnx_graph.node}
+    stack = list(node.meta.get("nn_module_stack", {}).values())
+    path = node.target if node.op == "call_module" else (stack[-1][0] if stack else node.name)
+    onnx_node = nodes.get(path) or nodes.get(str(path).rsplit(".", 1)[0])
+    if onnx_node is None:
+        raise KeyError(f"FX node {node.name} ({path}) has no ONNX node")
+    if path not in nodes and str(path).endswith(".0"):  # the Pad before a padded Conv: its input, plus zeros
+        return onnx_node.input[0]
+    module = prepared.get_submodule(node.target) if node.op == "call_module" else None
+    output = onnx_node.output[0]
+    if isinstance(module, torch.ao.nn.intrinsic.ConvReLU2d):  # fused: the ReLU's output is observed
+        relu = [n for n in onnx_graph.node if output in n.input and n.op_type == "Relu"]
+        if len(relu) != 1:
+            raise KeyError(f"fused {node.target}: no single ONNX Relu after it")
+        output = relu[0].output[0]
+    return output
+
+
+class FixedRangeObserver(torch.ao.quantization.MinMaxObserver):
+    """An observer that holds a given range and ignores the values it sees."""
+
+    def __init__(self, low: float, high: float, **kwargs) -> None:
+        super().__init__(**kwargs)
+        super().forward(torch.tensor([low, high]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def fix_activation_ranges(prepared: torch.fx.GraphModule, onnx_graph, ranges: dict) -> int:
+    """Give every activation observer the calibrated range of the tensor it observes (an observer
+    fed exactly [low, high]); no calibration pass runs in torch."""
+    fixed = 0
     for node in prepared.graph.nodes:
-        if node.op != "placeholder":
+        if node.op != "call_module":
             continue
-        for user in node.users:
-            observer = prepared.get_submodule(user.target) if user.op == "call_module" else None
-            if isinstance(observer, torch.ao.quantization.ObserverBase):
-                exact = torch.ao.quantization.MinMaxObserver(dtype=observer.dtype, qscheme=torch.per_tensor_affine)
-                exact(torch.tensor([low, high]))
-                setattr(prepared, user.target, exact)
-                pinned += 1
-    return pinned
+        observer = prepared.get_submodule(node.target)
+        if not isinstance(observer, torch.ao.quantization.ObserverBase):
+            continue
+        tensor = observed_tensor(prepared, node.args[0], onnx_graph)
+        setattr(prepared, node.target, FixedRangeObserver(
+            ranges[tensor].low, ranges[tensor].high, dtype=observer.dtype, qscheme=observer.qscheme,
+            reduce_range=observer.reduce_range))
+        fixed += 1
+    return fixed
 
 
-def quantize(float_model: torch.fx.GraphModule, calibration: Iterable[np.ndarray], dtype: str,
-             observer: str, per_channel: bool, reduce_range: bool, percentile: float = 99.99) -> torch.nn.Module:
-    """prepare -> calibrate -> convert. `calibration` yields float32 NHWC batches."""
+def quantize(float_model: torch.fx.GraphModule, onnx_graph, ranges: dict, dtype: str,
+             per_channel: bool, reduce_range: bool, example: np.ndarray) -> torch.nn.Module:
+    """prepare -> (ranges fixed from the calibration stage) -> convert. `onnx_graph` is the graph
+    the model was converted from; `example` a float32 NHWC batch for tracing."""
     from torch.ao.quantization.quantize_fx import convert_fx, convert_to_reference_fx, prepare_fx
 
     torch.backends.quantized.engine = "x86"
-    model = float_model.eval()
-    batches = iter(calibration)
-    first = torch.from_numpy(next(batches))
     backend = backend_config(dtype)
-    prepared = prepare_fx(model, qconfig_mapping(dtype, observer, per_channel, reduce_range, percentile),
-                          example_inputs=(first,), backend_config=backend)
-    with torch.inference_mode():
-        prepared(first)
-        for batch in batches:
-            prepared(torch.from_numpy(batch))
-    pin_input_range(prepared)
+    prepared = prepare_fx(float_model.eval(), qconfig_mapping(dtype, per_channel, reduce_range),
+                          example_inputs=(torch.from_numpy(example),), backend_config=backend)
+    fix_activation_ranges(prepared, onnx_graph, ranges)
     if dtype == "uint8":
         return convert_fx(prepared, backend_config=backend)
     return store_integer_weights(convert_to_reference_fx(prepared, backend_config=backend))

@@ -1,0 +1,41 @@
+"""dvc.yaml lists, for every stage, each module under stages/ that the stage's code imports,
+directly or through other modules: an edit to any of them must re-run the stage."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.lib.imports import closure
+from tests.conftest import REPO
+
+
+def stage_definitions() -> dict[str, dict]:
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    return {name: stage.get("do", stage) for name, stage in stages.items()}
+
+
+@pytest.mark.parametrize("name", sorted(stage_definitions()))
+def test_every_stage_depends_on_exactly_the_code_it_imports(name):
+    stage = stage_definitions()[name]
+    module = re.search(r"python -m (stages\.\w+)", stage["cmd"]).group(1)
+    listed = {dep for dep in stage["deps"] if dep.startswith("stages/")}
+    imported = set(closure(REPO, module))
+    assert not imported - listed, f"{name}: dvc.yaml misses {sorted(imported - listed)}"
+    assert not listed - imported, f"{name}: dvc.yaml lists modules it does not import: {sorted(listed - imported)}"
+
+
+def test_closure_follows_indirect_and_function_level_imports(tmp_path):
+    package = tmp_path / "stages"
+    (package / "lib").mkdir(parents=True)
+    (package / "__init__.py").write_text('"""docstring only"""\n')
+    (package / "lib" / "__init__.py").write_text('"""docstring only"""\n')
+    (package / "stage.py").write_text("from .lib import a\nimport os\n")
+    (package / "lib" / "a.py").write_text("def f():\n    from . import b\n    return b\n")
+    (package / "lib" / "b.py").write_text("from .c import thing\n")
+    (package / "lib" / "c.py").write_text("thing = 1\n")
+    (package / "lib" / "unused.py").write_text("")
+    assert closure(tmp_path, "stages.stage") == ["stages/lib/a.py", "stages/lib/b.py", "stages/lib/c.py",
+                                                 "stages/stage.py"]
