@@ -20,7 +20,8 @@ INPUT_NAME = "input"
 BATCH_SIZE = 1000
 
 
-def to_onnx(keras_path: Path, out: Path, opset: int) -> None:
+def to_onnx(keras_path: Path, out: Path, opset: int) -> dict[str, str]:
+    """Convert; returns {ONNX Conv / MatMul node name: the Keras layer it came from}."""
     model = runners.keras_model(keras_path)
     import onnx
     import tensorflow as tf
@@ -34,7 +35,32 @@ def to_onnx(keras_path: Path, out: Path, opset: int) -> None:
 
     model_proto, _ = tf2onnx.convert.from_function(forward, input_signature=signature, opset=opset)
     model_proto = exact_batchnorm_constants(model_proto, keras_batchnorms(model))
-    onnx.save(canonical(drop_unused(constant_reshape_targets(model_proto))), str(out))
+    model_proto = canonical(drop_unused(constant_reshape_targets(model_proto)))
+    onnx.save(model_proto, str(out))
+    return keras_layer_names(model, model_proto)
+
+
+def keras_layer_names(model, model_proto) -> dict[str, str]:
+    """Match each Keras Conv2D / Dense layer to the ONNX node holding its kernel, bit for bit
+    (tf2onnx copies kernels unchanged, transposed to OIHW for Conv), so that per-layer figures can
+    be shown under the names a Keras user knows."""
+    import keras
+    import numpy as np
+    from onnx import numpy_helper
+
+    weights = {t.name: numpy_helper.to_array(t) for t in model_proto.graph.initializer}
+    names = {}
+    for layer in model.layers:
+        if not isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
+            continue
+        kernel = layer.kernel.numpy()
+        expected = kernel.transpose(3, 2, 0, 1) if kernel.ndim == 4 else kernel
+        nodes = [n.name for n in model_proto.graph.node if n.op_type in ("Conv", "MatMul", "Gemm")
+                 and len(n.input) > 1 and n.input[1] in weights and np.array_equal(weights[n.input[1]], expected)]
+        if len(nodes) != 1:
+            raise PipelineError(f"convert_onnx: Keras layer '{layer.name}' matches {len(nodes)} ONNX nodes by weight")
+        names[nodes[0]] = layer.name
+    return names
 
 
 def keras_batchnorms(model) -> list:
@@ -95,12 +121,12 @@ def main() -> None:
 
     test = cifar10.load(args.data, "test")
     with atomic_path(args.out) as tmp:
-        to_onnx(args.keras, tmp, p["opset"])
+        keras_layers = to_onnx(args.keras, tmp, p["opset"])
         graph = check_graph(tmp)
         keras_scores = runners.predict_all(runners.load_runner("keras", args.keras), test.images, BATCH_SIZE)
         onnx_scores = runners.predict_all(runners.load_runner("onnx", tmp), test.images, BATCH_SIZE)
         report = conversion_report("convert_onnx", keras_scores, onnx_scores, p["max_abs_diff"], p["min_agreement"])
-    write_json(args.metrics, {**graph, "vs_keras": recorded(report)})
+    write_json(args.metrics, {**graph, "vs_keras": recorded(report), "keras_layers": keras_layers})
     print(f"convert_onnx: opset {graph['opset']}, max |diff| {report['max_abs_diff']:.2e}, "
           f"argmax agreement {report['argmax_agreement']:.4f} on {report['images']} test images")
 

@@ -6,7 +6,8 @@
         [--parent torch --parent-metrics metrics/eval/torch.json \
          --parent-predictions data/predictions/torch.npy]
 
-A float variant (no --parent) must reach evaluate.expected_accuracy +- evaluate.tolerance when
+The metrics record what really runs (stages.lib.execution: integer or float kernels per Conv,
+Gemm and Add, read from the graph the runtime executes). A float variant (no --parent) must reach evaluate.expected_accuracy +- evaluate.tolerance when
 it is scored on the full test set. A quantized variant names its float parent: its metrics add
 the accuracy delta in points against the parent's measured accuracy, argmax agreement with the
 parent, and its file size against the parent's. The predictions file holds the predicted labels
@@ -20,14 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .lib import cifar10, metrics, runners
+from .lib import cifar10, execution, metrics, runners
 from .lib import params as params_lib
 from .lib.errors import PipelineError, run_main
 from .lib.files import atomic_path, load_npy, read_json, write_json
 
 
 def model_info(model: Path) -> dict:
-    """The sidecar info.json a quantize stage writes beside its model (execution, dtype, settings)."""
+    """The sidecar info.json a quantize stage writes beside its model (dtype, settings, graph check)."""
     info = model.parent / "info.json"
     return json.loads(info.read_text()) if info.is_file() else {}
 
@@ -51,21 +52,20 @@ def main() -> None:
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--predictions", type=Path, required=True)
     parser.add_argument("--confusion", type=Path, required=True)
-    parser.add_argument("--execution", help="for a model without info.json: integer-kernels, simulated-qdq")
     parser.add_argument("--reference", help="marks an external reference model, with this description")
     parser.add_argument("--parent")
     parser.add_argument("--parent-metrics", type=Path)
     parser.add_argument("--parent-predictions", type=Path)
+    parser.add_argument("--flips", type=Path, help="with --parent: CSV of the images whose answer changed")
     args = parser.parse_args()
     p = params_lib.load()["evaluate"]
 
     test = cifar10.load(args.data, "test", limit=p["samples"])
     predict = runners.load_runner(args.kind, args.model)
     scores = runners.predict_all(predict, test.images, p["batch_size"])
-    described = {"execution": args.execution} if args.execution else {}
-    if args.reference:
-        described["reference"] = args.reference
+    described = {"reference": args.reference} if args.reference else {}
     result = {"variant": args.variant, "kind": args.kind, **described, **model_info(args.model),
+              "execution": execution.measure(args.kind, args.model),
               "model_bytes": args.model.stat().st_size,
               **metrics.classification(scores, test.labels)}
 
@@ -91,6 +91,8 @@ def main() -> None:
         with open(tmp, "wb") as handle:
             np.save(handle, scores.argmax(axis=1).astype(np.int64))
     metrics.write_confusion_csv(args.confusion, scores, test.labels)
+    if args.parent is not None and args.flips is not None:
+        metrics.write_flips_csv(args.flips, parent_labels, scores.argmax(axis=1))
     write_json(args.metrics, result)
     extra = f", delta {result['delta_points']:+.2f} points vs {args.parent}" if args.parent else ""
     print(f"evaluate {args.variant}: top-1 {result['accuracy']:.4f} ({result['correct']}/{result['total']}){extra}")

@@ -6,14 +6,13 @@
 `int8`: int8 activations and int8 weights; `uint8`: uint8 activations and uint8 weights.
 Starts from the BatchNorm-folded graph (with AdaRound's weights). Every activation range comes from
 the activation_ranges stage, as tensor quantization overrides: ONNX Runtime's own calibration
-pass is reduced to one batch, whose results the overrides replace (checked in the saved model). Writes model.onnx and info.json (settings, execution,
+pass is reduced to one batch, whose results the overrides replace (checked in the saved model). Writes model.onnx and info.json (settings and
 the graph check that proves every Conv and the Dense layer is quantized).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 
 from .lib import cifar10, layer_error
@@ -26,10 +25,14 @@ from .lib.quant_checks import onnx_summary, require_quantized
 from .lib.runners import onnx_session
 
 WEIGHTED_LAYERS = 10  # ResNet8: 9 Conv + 1 Dense
-# Every op but Softmax: the scores leave the network as float, since an 8-bit softmax turns
-# close calls into ties (measured: 121 tied top-2 scores on the test set with int8).
-OP_TYPES = ["Conv", "Gemm", "Add", "Relu", "AveragePool", "Reshape", "Transpose"]
-INTEGER_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "QLinearAdd", "ConvInteger", "MatMulInteger")
+# Every op but Softmax and AveragePool. Softmax: the scores leave the network as float, since an
+# 8-bit softmax turns close calls into ties (measured: 121 tied top-2 scores on the test set with
+# int8). AveragePool: the quantizer would give its output its input's scale (the last ReLU's,
+# 0..17), four times coarser than the pooled features need (0..4.5). Left out, its output gets
+# its own range (quantized before the Dense layer), and ONNX Runtime still fuses DQ -> AveragePool
+# -> Q into an integer QLinearAveragePool with the two scales. Measured on 5,000 held-out
+# training images: agreement with float 0.9872 -> 0.9900 (int8) and 0.9872 -> 0.9926 (uint8).
+OP_TYPES = ["Conv", "Gemm", "Add", "Relu", "Reshape", "Transpose"]
 
 
 def quantize(model: Path, out: Path, dtype: str, calibration: CalibrationSet, ranges: dict, p: dict) -> None:
@@ -53,18 +56,6 @@ def quantize(model: Path, out: Path, dtype: str, calibration: CalibrationSet, ra
     )
 
 
-def execution_kind(model: Path) -> tuple[str, list[str]]:
-    """What ONNX Runtime's CPU provider really runs after its graph optimizations."""
-    import onnx
-
-    with tempfile.TemporaryDirectory() as work:
-        optimized = Path(work) / "optimized.onnx"
-        onnx_session(model, optimized)
-        ops = sorted({n.op_type for n in onnx.load(str(optimized)).graph.node})
-    integer = [op for op in ops if op in INTEGER_OPS]
-    return ("integer-kernels" if integer else "simulated-qdq"), ops
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", required=True, choices=params_lib.DTYPES)
@@ -84,16 +75,15 @@ def main() -> None:
         quantize(args.model, tmp / "model.onnx", args.dtype, calibration, ranges_lib.load(args.ranges), p)
         summary = onnx_summary(tmp / "model.onnx")
         require_quantized(variant, summary, WEIGHTED_LAYERS)
-        execution, runtime_ops = execution_kind(tmp / "model.onnx")
-        info = {"backend": "onnxruntime", "dtype": args.dtype, "execution": execution,
+        info = {"backend": "onnxruntime", "dtype": args.dtype,
                 "settings": p, "calibration_images": len(calibration.images),
-                "graph_check": summary, "runtime_ops": runtime_ops}
+                "graph_check": summary}
         (tmp / "info.json").write_text(json.dumps(info, indent=2) + "\n")
         test = cifar10.load(args.data, "test", limit=layer_error.IMAGES)
         errors = layer_error.ort_layer_errors(args.float_model, tmp / "model.onnx", test.images)
     write_json(args.layer_error, {"variant": variant, "images": len(test.images), "layers": errors})
     print(f"quantize_ort {args.dtype}: {summary['quantized_layers']} layers quantized "
-          f"({', '.join(summary['weight_dtypes'])} weights), execution {execution}")
+          f"({', '.join(summary['weight_dtypes'])} weights)")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ Starts from the BatchNorm-folded graph with AdaRound's weights (onnx2torch); eve
 observer holds the range from the activation_ranges stage (no calibration pass in torch). `uint8`: quint8 activations, qint8
 weights, fbgemm/x86 integer kernels. `int8`: qint8 activations and weights, a reference
 (simulated quantize/dequantize) model, because no torch CPU kernel takes qint8 activations.
-Writes model.pt (TorchScript) and info.json (settings, execution, graph check).
+Writes model.pt (TorchScript) and info.json (settings, graph check).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from .lib.files import atomic_path, write_json
 from .lib.quant_checks import require_quantized, torch_summary
 from .lib.runners import torch_load
 from .lib.torch_models import from_onnx, save_torchscript
-from .lib.torch_quant import EXECUTION, quantize
+from .lib.torch_quant import quantize
 
 WEIGHTED_LAYERS = 10  # ResNet8: 9 Conv + 1 Dense
 
@@ -52,7 +52,7 @@ def main() -> None:
         save_torchscript(model, tmp / "model.pt", calibration.images[:64])
         summary = torch_summary(torch_load(tmp / "model.pt"))
         require_quantized(variant, summary, WEIGHTED_LAYERS)
-        info = {"backend": "pytorch", "dtype": args.dtype, "execution": EXECUTION[args.dtype],
+        info = {"backend": "pytorch", "dtype": args.dtype,
                 "activation_dtype": {"uint8": "quint8", "int8": "qint8"}[args.dtype], "weight_dtype": "qint8",
                 "engine": "x86", "settings": p, "calibration_images": len(calibration.images),
                 "graph_check": summary}
@@ -60,7 +60,7 @@ def main() -> None:
     test = cifar10.load(args.data, "test", limit=layer_error.IMAGES)
     errors = layer_error.torch_layer_errors(from_onnx(args.float_model), model, test.images)
     write_json(args.layer_error, {"variant": variant, "images": len(test.images), "layers": errors})
-    print(f"quantize_torch {args.dtype}: {WEIGHTED_LAYERS} layers quantized, execution {EXECUTION[args.dtype]}")
+    print(f"quantize_torch {args.dtype}: {WEIGHTED_LAYERS} layers quantized")
 
 
 if __name__ == "__main__":

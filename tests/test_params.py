@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import yaml
 
 try:  # tests/ as a package (tests/__init__.py) or as a plain directory on sys.path
     from tests import synthetic as syn
@@ -172,8 +173,10 @@ def test_load_reports_bad_value_from_file(tmp_path):
 def test_yaml_typed_values_are_checked_as_typed(tmp_path):
     """A quoted number in the file is a string, and a string is not an integer."""
     path = tmp_path / "params.yaml"
-    text = syn.REPO_PARAMS.read_text().replace("samples: 1000 ", 'samples: "1000" ')
-    assert '"1000"' in text
+    data = yaml.safe_load(syn.REPO_PARAMS.read_text())
+    data["calibrate"]["samples"] = "1000"
+    text = yaml.safe_dump(data, sort_keys=False)
+    assert "'1000'" in text
     path.write_text(text)
     with pytest.raises(PipelineError, match=r"calibrate.samples = '1000'"):
         params.load(path)

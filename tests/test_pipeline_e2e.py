@@ -71,7 +71,7 @@ def test_every_float_variant_scores_exactly_the_baseline(pipeline):
 def test_mlperf_reference_model_reproduces_its_published_accuracy(pipeline):
     result = metrics(pipeline, "mlperf_int8")
     assert (result["correct"], result["total"]) == (8697, 10000)
-    assert result["execution"] == "integer-kernels" and "test images" in result["reference"]
+    assert result["execution"]["label"] == "integer" and "test images" in result["reference"]
 
 
 def test_report_covers_every_variant(pipeline):
@@ -164,3 +164,36 @@ def test_a_quantize_ort_parameter_reruns_only_its_quantize_and_evaluate_stages(p
         sh(pipeline, "dvc", "repro")  # back to the committed state (from DVC's run cache)
     assert ran == {"quantize_ort@int8", "quantize_ort@uint8", "evaluate_ort_quantized@int8",
                    "evaluate_ort_quantized@uint8", "report"}, ran
+
+
+def test_execution_is_measured_and_all_integer_where_kernels_exist(pipeline):
+    expected = {"ort_int8": "integer", "ort_uint8": "integer", "torch_uint8": "integer", "torch_int8": "float",
+                "mlperf_int8": "integer", "keras": "float", "onnx": "float", "torch": "float"}
+    summary = json.loads((pipeline / "metrics/summary.json").read_text())
+    for variant, label in expected.items():
+        execution = metrics(pipeline, variant)["execution"]
+        assert execution["label"] == label == summary[variant]["execution"], (variant, execution)
+        if label == "integer":
+            assert execution["layers"] == {"Conv": "9/9 integer", "Gemm": "1/1 integer", "Add": "3/3 integer"}
+
+
+def test_plots_render_as_utf8_and_show_the_differences(pipeline):
+    sh(pipeline, "dvc", "plots", "show", "--out", "rendered_plots")
+    page = (pipeline / "rendered_plots/index.html").read_bytes().decode("utf-8")
+    assert '<meta charset="utf-8">' in page.split("</head>")[0]
+    for title in ("Top-1 accuracy against the float baseline", "Per-class accuracy change against float",
+                  "ort_int8: images whose answer changed", "Per-layer SQNR (dB), int8"):
+        assert title in page, title
+    accuracy = json.loads((pipeline / "plots/accuracy.json").read_text())
+    assert len({row["points_vs_float_baseline"] for row in accuracy}) > 1
+    deltas = json.loads((pipeline / "plots/per_class_delta.json").read_text())
+    assert {row["variant"] for row in deltas} == set(QUANTIZED) | {"mlperf_int8"}
+    assert any(row["delta_points"] != 0 for row in deltas)
+    for variant in QUANTIZED:
+        flips = (pipeline / f"plots/flips/{variant}.csv").read_text().splitlines()
+        assert flips[0] == "float_predicted,quantized_predicted"
+        assert len(flips) - 1 == metrics(pipeline, variant)["argmax_disagreements_with_parent"] > 0
+    for dtype in ("int8", "uint8"):
+        rows = json.loads((pipeline / f"plots/layer_error/{dtype}.json").read_text())
+        assert {r["backend"] for r in rows} == {"ort", "torch"}
+        assert {r["layer"] for r in rows} == {f"conv2d{s}" for s in ["", *(f"_{i}" for i in range(1, 9))]} | {"dense"}

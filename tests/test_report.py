@@ -13,13 +13,13 @@ from tests.conftest import REPO, run_module
 
 
 def eval_metrics(variant: str, correct: int, parent: str | None = None, parent_correct: int = 0,
-                 size: int = 1000, execution: str | None = None) -> dict:
+                 size: int = 1000, execution: str = "float") -> dict:
     per_class = {c: round((correct + i) / 10000, 6) for i, c in enumerate(CLASSES)}
     result = {"variant": variant, "accuracy": correct / 10000, "correct": correct, "total": 10000,
-              "model_bytes": size, "per_class_accuracy": per_class,
+              "model_bytes": size, "per_class_accuracy": per_class, "execution": {"label": execution},
               "confusion_matrix": {"labels": list(CLASSES), "rows_actual_cols_predicted": [[0] * 10] * 10}}
     if parent:
-        result.update({"parent": parent, "execution": execution, "delta_points": round((correct - parent_correct) / 100, 4),
+        result.update({"parent": parent, "delta_points": round((correct - parent_correct) / 100, 4),
                        "argmax_agreement_with_parent": 0.98, "size_ratio_to_parent": round(size / 4000, 4)})
     return result
 
@@ -28,18 +28,28 @@ def eval_metrics(variant: str, correct: int, parent: str | None = None, parent_c
 def reported(tmp_path: Path) -> Path:
     directory = tmp_path / "metrics" / "eval"
     directory.mkdir(parents=True)
-    variants = [eval_metrics("onnx", 8719, size=4000), eval_metrics("torch", 8719, size=4000),
-                eval_metrics("ort_int8", 8735, "onnx", 8719, 1400, "integer-kernels"),
-                eval_metrics("torch_uint8", 8690, "torch", 8719, 1300, "integer-kernels")]
+    variants = [eval_metrics("keras", 8719, size=16000), eval_metrics("onnx", 8719, size=4000),
+                eval_metrics("torch", 8719, size=4000),
+                eval_metrics("ort_int8", 8735, "onnx", 8719, 1400, "integer"),
+                eval_metrics("torch_uint8", 8690, "torch", 8719, 1300, "mixed (1 of 13 in float)")]
     for v in variants:
         (directory / f"{v['variant']}.json").write_text(json.dumps(v))
     errors = tmp_path / "metrics" / "layer_error"
     errors.mkdir()
-    for name, sqnr in (("ort_int8", [41.0, 30.5]), ("torch_uint8", [35.25, 22.0])):
-        layers = [{"layer": f"conv{i}", "sqnr_db": value} for i, value in enumerate(sqnr)]
-        (errors / f"{name}.json").write_text(json.dumps({"variant": name, "images": 256, "layers": layers}))
-    run_module("stages.report", "--eval", "metrics/eval", "--summary", "metrics/summary.json",
-               "--accuracy-plot", "plots/accuracy.json", "--per-class-plots", "plots/per_class",
+    layers = {  # ONNX Runtime: tensors (a ReLU output belongs to its Conv), PyTorch: modules
+        "ort_uint8": [{"layer": "relu0:0", "node": "n/conv0", "sqnr_db": 41.0},
+                      {"layer": "add:0", "node": "n/add", "sqnr_db": 20.0},
+                      {"layer": "conv1:0", "node": "n/conv1", "sqnr_db": 30.5}],
+        "torch_uint8": [{"layer": "n/conv1", "node": "n/conv1", "sqnr_db": 22.0},
+                        {"layer": "n/conv0", "node": "n/conv0", "sqnr_db": 35.25}]}
+    for name, rows in layers.items():
+        (errors / f"{name}.json").write_text(json.dumps({"variant": name, "images": 256, "layers": rows}))
+    (tmp_path / "metrics" / "convert_onnx.json").write_text(json.dumps(
+        {"opset": 13, "vs_keras": {"max_abs_diff_below": 1e-05, "argmax_agreement": 0.9999, "argmax_disagreements": 1},
+         "keras_layers": {"n/conv0": "conv2d", "n/conv1": "conv2d_1"}}))
+    run_module("stages.report", "--eval", "metrics/eval", "--conversions", "metrics/convert_onnx.json",
+               "--summary", "metrics/summary.json",
+               "--accuracy-plot", "plots/accuracy.json", "--per-class-plot", "plots/per_class_delta.json",
                "--layer-error", "metrics/layer_error", "--layer-error-plots", "plots/layer_error",
                "--report", "reports/quantization.md", cwd=tmp_path)
     return tmp_path
@@ -58,18 +68,26 @@ def table_rows(markdown: str, header_start: str) -> list[list[str]]:
 
 def test_summary_restates_each_variants_metrics(reported):
     summary = json.loads((reported / "metrics/summary.json").read_text())
-    assert list(summary) == ["onnx", "torch", "ort_int8", "torch_uint8"]
+    assert list(summary) == ["keras", "onnx", "torch", "ort_int8", "torch_uint8"]
     assert summary["ort_int8"] == {"accuracy": 0.8735, "correct": 8735, "delta_points": 0.16,
                                    "agreement_with_float": 0.98, "model_bytes": 1400, "size_ratio": 0.35,
-                                   "execution": "integer-kernels"}
+                                   "execution": "integer"}
     assert summary["torch_uint8"]["delta_points"] == -0.29
-    assert summary["onnx"]["execution"] == "float" and summary["onnx"]["delta_points"] == 0.0
+    assert summary["torch_uint8"]["execution"] == "mixed (1 of 13 in float)"
+    # a float row's figures come from its conversion check, measured; none are filled in
+    assert summary["onnx"] == {"accuracy": 0.8719, "correct": 8719, "delta_points": 0.0, "agreement_with_float": 0.9999,
+                               "max_abs_diff_below": 1e-05, "model_bytes": 4000, "size_ratio": 0.25,
+                               "execution": "float"}
+    assert summary["keras"] == {"accuracy": 0.8719, "correct": 8719, "model_bytes": 16000, "execution": "float"}
+    assert "agreement_with_float" not in summary["torch"]  # no conversion file given for it
 
 
 def test_markdown_tables_match_the_metrics(reported):
     markdown = (reported / "reports/quantization.md").read_text()
     rows = {r[0]: r for r in table_rows(markdown, "| variant |")}
-    assert rows["ort_int8"][1:6] == ["onnx", "integer-kernels", "0.8735", "+0.16", "0.9800"]
+    assert rows["ort_int8"][1:6] == ["onnx", "integer", "0.8735", "+0.16", "0.9800"]
+    assert rows["onnx"][1:6] == ["keras", "float", "0.8719", "+0.00", "0.9999"]
+    assert rows["keras"][1:6] == ["-", "float", "0.8719", "-", "-"]
     assert rows["torch_uint8"][4] == "-0.29"
     per_class = {r[0]: r for r in table_rows(markdown, "| class |")}
     assert list(per_class) == list(CLASSES)
@@ -79,25 +97,26 @@ def test_markdown_tables_match_the_metrics(reported):
 
 def test_plot_files_are_well_formed_one_per_variant(reported):
     accuracy = json.loads((reported / "plots/accuracy.json").read_text())
-    assert [row["variant"] for row in accuracy] == ["onnx", "torch", "ort_int8", "torch_uint8"]
+    assert [row["variant"] for row in accuracy] == ["keras", "onnx", "torch", "ort_int8", "torch_uint8"]
     assert all(row["float_baseline"] == 0.8719 for row in accuracy)
-    assert [row["points_vs_float_baseline"] for row in accuracy] == [0.0, 0.0, 0.16, -0.29]
-    files = sorted(p.name for p in (reported / "plots/per_class").iterdir())
-    assert files == ["onnx.json", "ort_int8.json", "torch.json", "torch_uint8.json"]
-    rows = json.loads((reported / "plots/per_class/ort_int8.json").read_text())
-    assert [r["class"] for r in rows] == list(CLASSES)
-    assert rows[3]["accuracy"] == pytest.approx((8735 + 3) / 10000)
+    assert [row["points_vs_float_baseline"] for row in accuracy] == [0.0, 0.0, 0.0, 0.16, -0.29]
+    assert [row["kind"] for row in accuracy] == ["float", "float", "float", "quantized", "quantized"]
+    rows = json.loads((reported / "plots/per_class_delta.json").read_text())
+    assert [r["variant"] for r in rows] == ["ort_int8"] * 10 + ["torch_uint8"] * 10  # quantized only, one chart
+    assert [r["class"] for r in rows[:10]] == list(CLASSES)
+    assert rows[3]["delta_points"] == pytest.approx(100 * ((8735 + 3) - (8719 + 3)) / 10000)
 
 
 def test_layer_error_tables_and_plots_match_the_files(reported):
+    """Both backends side by side per dtype, under the Keras layer names, in graph order."""
     markdown = (reported / "reports/quantization.md").read_text()
-    ort = table_rows(markdown[markdown.index("### ort"):], "| layer |")
-    assert ort == [["`conv0`", "41.0"], ["`conv1`", "30.5"]]
-    torch = table_rows(markdown[markdown.index("### torch"):], "| layer |")
-    assert torch == [["`conv0`", "35.2"], ["`conv1`", "22.0"]]
+    uint8 = table_rows(markdown[markdown.index("### uint8"):], "| Keras layer |")
+    assert uint8 == [["`conv2d`", "41.0", "35.2"], ["`conv2d_1`", "30.5", "22.0"]]
     files = sorted(p.name for p in (reported / "plots/layer_error").iterdir())
-    assert files == ["ort_int8.json", "torch_uint8.json"]
-    assert json.loads((reported / "plots/layer_error/torch_uint8.json").read_text())[1] == {"layer": "conv1", "sqnr_db": 22.0}
+    assert files == ["uint8.json"]
+    assert json.loads((reported / "plots/layer_error/uint8.json").read_text()) == [
+        {"layer": "conv2d", "backend": "ort", "sqnr_db": 41.0}, {"layer": "conv2d", "backend": "torch", "sqnr_db": 35.25},
+        {"layer": "conv2d_1", "backend": "ort", "sqnr_db": 30.5}, {"layer": "conv2d_1", "backend": "torch", "sqnr_db": 22.0}]
 
 
 def test_a_missing_parent_is_a_clear_error(tmp_path):
@@ -105,7 +124,7 @@ def test_a_missing_parent_is_a_clear_error(tmp_path):
     directory.mkdir(parents=True)
     (directory / "ort_int8.json").write_text(json.dumps(eval_metrics("ort_int8", 8700, "onnx", 8719)))
     result = run_module("stages.report", "--eval", "metrics/eval", "--summary", "s.json", "--accuracy-plot", "a.json",
-                        "--per-class-plots", "p", "--layer-error", "le", "--layer-error-plots", "lep",
+                        "--per-class-plot", "p.json", "--layer-error", "le", "--layer-error-plots", "lep",
                         "--report", "r.md", cwd=tmp_path, check=False)
     assert result.returncode == 1 and "names parent 'onnx', whose metrics are missing" in result.stderr
     assert not (tmp_path / "s.json").exists()

@@ -36,10 +36,11 @@ def evaluate(project: Path, variant: str, kind: str, model: str, parent: str | N
 def tiny(tmp_path_factory) -> Path:
     """Runs every framework stage once on the tiny model; the tests read what it left."""
     project = tmp_path_factory.mktemp("tiny")
-    shutil.copy(REPO / "params.yaml", project / "params.yaml")
-    text = (project / "params.yaml").read_text().replace("  samples: 1000 ", "  samples: 100 ")
-    text = text.replace("  iterations: 500 ", "  iterations: 30 ")
-    (project / "params.yaml").write_text(text)
+    import yaml
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["calibrate"]["samples"], params["adaround"]["iterations"] = 100, 30
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run_script("tiny_models", FLOAT_MODEL["keras"], "data/cifar10", cwd=project)
     run_module("stages.convert_onnx", "--keras", FLOAT_MODEL["keras"], "--data", "data/cifar10",
                "--out", FLOAT_MODEL["onnx"], "--metrics", "metrics/convert_onnx.json", cwd=project)
@@ -185,7 +186,6 @@ def test_quantized_metrics_are_computed_against_the_parent(tiny, variant):
     backend, dtype = variant.split("_")
     metrics, parent = read(tiny, f"metrics/eval/{variant}.json"), read(tiny, f"metrics/eval/{PARENT[backend]}.json")
     assert metrics["parent"] == PARENT[backend] and metrics["dtype"] == dtype
-    assert metrics["execution"] == ("simulated-qdq" if variant == "torch_int8" else "integer-kernels")
     assert metrics["delta_points"] == pytest.approx(100 * (metrics["accuracy"] - parent["accuracy"]), abs=1e-3)
     expected_agreement = (np.load(tiny / f"data/predictions/{variant}.npy")
                           == np.load(tiny / f"data/predictions/{PARENT[backend]}.npy")).mean()
@@ -318,3 +318,94 @@ def test_fold_mismatches_catches_a_weight_one_ulp_off(tiny):
     values.flat[0] = np.nextafter(values.flat[0], np.float32(np.inf))
     tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
     assert fold_mismatches(unfolded, folded) == [conv.name]
+
+
+# --------------------------------------------------------------------------- execution, measured
+
+@pytest.mark.parametrize("variant", QUANTIZED + ["keras", "onnx", "torch"])
+def test_execution_label_is_measured_from_the_graph_that_runs(tiny, variant):
+    metrics = read(tiny, f"metrics/eval/{variant}.json")
+    execution = metrics["execution"]
+    expected = {"ort_int8": "integer", "ort_uint8": "integer", "torch_uint8": "integer", "torch_int8": "float",
+                "keras": "float", "onnx": "float", "torch": "float"}[variant]
+    assert execution["label"] == expected, execution
+    if expected == "integer":
+        assert execution["layers"] == {"Conv": "9/9 integer", "Gemm": "1/1 integer", "Add": "3/3 integer"}
+        assert execution["float_layers"] == []
+
+
+def test_a_model_with_one_float_conv_is_reported_as_mixed(tiny):
+    result = json.loads(run_script("measure_execution", "onnx-leave-one-float", "models/onnx_folded/resnet8.onnx",
+                                   RANGES, "partly.onnx", cwd=tiny).stdout)
+    assert result["label"] == "mixed (1 of 13 in float)", result
+    assert result["layers"]["Conv"] == "8/9 integer" and len(result["float_layers"]) == 1
+
+
+# --------------------------------------------------------------------------- another CPU kind, emulated
+
+# QEMU's user-mode emulator runs this machine's Python as an AVX2-only CPU (no AVX-512, no VNNI, no
+# AMX): numpy, torch and ONNX Runtime detect the CPU with CPUID and pick their AVX2 kernels.
+QEMU = shutil.which("qemu-x86_64")
+AVX2_CPU = ["-cpu", "Haswell-noTSX,-pcid,-x2apic,-tsc-deadline,-invpcid"]
+
+
+def run_on_avx2(module: str, *args: str, cwd: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import stage_env
+
+    result = subprocess.run([QEMU, *AVX2_CPU, sys.executable, "-m", module, *map(str, args)], cwd=cwd,
+                            env=stage_env(), capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, f"{module} on the emulated AVX2 CPU failed:\n{result.stdout}\n{result.stderr}"
+
+
+@pytest.mark.skipif(QEMU is None, reason="qemu-x86_64 is not installed (apt-get install qemu-user; .ci/run does)")
+def test_the_quantize_chain_gives_the_same_bytes_and_labels_on_an_avx2_cpu(tiny, tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("import numpy, torch\n"
+                     "print(numpy._core._multiarray_umath.__cpu_features__['AVX512F'], "
+                     "torch.backends.cpu.get_cpu_capability())\n")
+    import subprocess
+    import sys
+
+    seen = subprocess.run([QEMU, *AVX2_CPU, sys.executable, str(probe)], capture_output=True, text=True, timeout=600)
+    assert seen.stdout.split() == ["False", "AVX2"], seen.stdout + seen.stderr  # really another CPU kind
+
+    project = tmp_path / "project"
+    for name in ("params.yaml", FLOAT_MODEL["onnx"], "data/cifar10", "data/calibration",
+                 "metrics/eval/onnx.json", "data/predictions/onnx.npy"):
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if (tiny / name).is_dir() else shutil.copy)(tiny / name, project / name)
+    folded = "models/onnx_folded/resnet8.onnx"
+    run_on_avx2("stages.fold_batchnorm", "--onnx", FLOAT_MODEL["onnx"], "--data", "data/cifar10", "--out", folded,
+                "--metrics", "metrics/fold_batchnorm.json", cwd=project)
+    run_on_avx2("stages.activation_ranges", "--model", folded, "--calibration", "data/calibration", "--out", RANGES,
+                cwd=project)
+    for dtype in DTYPES:
+        run_on_avx2("stages.adaround", "--dtype", dtype, "--model", folded, "--calibration", "data/calibration",
+                    "--ranges", RANGES, "--out", f"models/adaround_{dtype}/resnet8.onnx",
+                    "--metrics", f"metrics/adaround/{dtype}.json", cwd=project)
+        run_on_avx2("stages.quantize_ort", "--dtype", dtype, "--model", f"models/adaround_{dtype}/resnet8.onnx",
+                    "--calibration", "data/calibration", "--ranges", RANGES, "--out", f"models/ort_{dtype}",
+                    "--float-model", folded, "--data", "data/cifar10",
+                    "--layer-error", f"metrics/layer_error/ort_{dtype}.json", cwd=project)
+        variant = f"ort_{dtype}"
+        run_on_avx2("stages.evaluate", "--variant", variant, "--kind", "onnx", "--model", f"models/{variant}/model.onnx",
+                    "--data", "data/cifar10", "--metrics", f"metrics/eval/{variant}.json",
+                    "--predictions", f"data/predictions/{variant}.npy", "--confusion", f"plots/confusion/{variant}.csv",
+                    "--parent", "onnx", "--parent-metrics", "metrics/eval/onnx.json",
+                    "--parent-predictions", "data/predictions/onnx.npy", cwd=project)
+    run_on_avx2("stages.quantize_torch", "--dtype", "uint8", "--model", "models/adaround_uint8/resnet8.onnx",
+                "--calibration", "data/calibration", "--ranges", RANGES, "--out", "models/torch_uint8",
+                "--float-model", folded, "--data", "data/cifar10",
+                "--layer-error", "metrics/layer_error/torch_uint8.json", cwd=project)
+    artifacts = [folded, RANGES, *(f"models/adaround_{d}/resnet8.onnx" for d in DTYPES),
+                 *(f"models/ort_{d}/model.onnx" for d in DTYPES), "models/torch_uint8/model.pt"]
+    differ = [name for name in artifacts if (project / name).read_bytes() != (tiny / name).read_bytes()]
+    assert not differ, f"on the AVX2 CPU these differ: {differ}"
+    for dtype in DTYPES:  # ONNX Runtime's integer kernels give the same answers on both CPU kinds
+        variant = f"ort_{dtype}"
+        assert (np.load(project / f"data/predictions/{variant}.npy")
+                == np.load(tiny / f"data/predictions/{variant}.npy")).all(), variant
+        assert read(project, f"metrics/eval/{variant}.json")["execution"] == read(tiny, f"metrics/eval/{variant}.json")["execution"]

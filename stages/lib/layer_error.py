@@ -4,7 +4,9 @@ images, rounded to 0.1 dB. Higher is better; every 6 dB is about one bit. A tens
 without loss (the 8-bit input pixels, scale 1) has no noise and no row.
 
 ONNX Runtime: its own QDQ debugging tools (onnxruntime.quantization.qdq_loss_debug), over every
-tensor with a QuantizeLinear / DequantizeLinear pair. PyTorch: an FX interpreter records each
+tensor with a QuantizeLinear / DequantizeLinear pair. Each row names the ONNX node its tensor
+belongs to (`node`: the Conv / Gemm / Add, also for the ReLU after it), so that both backends'
+rows meet on the same layer. PyTorch: an FX interpreter records each
 quantized Conv / Linear module's output (dequantized) and the float graph's output of the same
 layer (after its ReLU when the quantized module fused one).
 """
@@ -41,7 +43,18 @@ def ort_layer_errors(float_model: Path, quantized_model: Path, images: np.ndarra
         activations = {role: collect_activations(path, ort_reader(CalibrationSet(images), input_name))
                        for role, path in augmented.items()}
     matched = create_activation_matching(activations["quantized"], activations["float"])
-    order = [out for node in onnx.load(str(float_model)).graph.node for out in node.output]
+    graph = onnx.load(str(float_model)).graph
+    order = [out for node in graph.node for out in node.output]
+    producer = {out: node for node in graph.node for out in node.output}
+
+    def owner(tensor: str) -> str:
+        """The layer a tensor belongs to: its producer, or the Conv / Gemm / Add before a ReLU."""
+        node = producer.get(tensor)
+        if node is not None and node.op_type == "Relu":
+            upstream = producer.get(node.input[0])
+            node = upstream if upstream is not None and upstream.op_type in ("Conv", "Gemm", "Add") else node
+        return node.name if node is not None else tensor
+
     rows = []
     for name in sorted(matched, key=lambda n: order.index(n) if n in order else len(order)):
         match = matched[name]
@@ -49,7 +62,7 @@ def ort_layer_errors(float_model: Path, quantized_model: Path, images: np.ndarra
             continue
         value = sqnr_db(np.concatenate(match["float"]), np.concatenate(match["post_qdq"]))
         if value != float("inf"):  # a lossless tensor (the 8-bit input pixels, scale 1) has no noise
-            rows.append({"layer": name, "sqnr_db": value})
+            rows.append({"layer": name, "node": owner(name), "sqnr_db": value})
     return rows
 
 
@@ -80,5 +93,6 @@ def torch_layer_errors(float_model, quantized_model, images: np.ndarray) -> list
         expected = reference[float_target]
         if "ReLU" in type(quantized_model.get_submodule(target)).__name__:
             expected = torch.relu(expected)
-        rows.append({"layer": float_target, "sqnr_db": sqnr_db(expected.numpy(), output.numpy())})
+        rows.append({"layer": float_target, "node": float_target,
+                     "sqnr_db": sqnr_db(expected.numpy(), output.numpy())})
     return rows

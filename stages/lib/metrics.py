@@ -66,3 +66,14 @@ def write_confusion_csv(path: str | Path, scores: np.ndarray, labels: np.ndarray
         writer.writerow(["actual", "predicted"])
         for actual, predicted in zip(labels, scores.argmax(axis=1)):
             writer.writerow([CLASSES[actual], CLASSES[predicted]])
+
+
+def write_flips_csv(path: str | Path, parent: np.ndarray, child: np.ndarray) -> None:
+    """One row per image whose predicted class changed from `parent` to `child` (class names):
+    DVC's confusion template draws it as a float-vs-quantized flip matrix."""
+    changed = np.flatnonzero(parent != child)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["float_predicted", "quantized_predicted"])
+        for index in changed:
+            writer.writerow([CLASSES[parent[index]], CLASSES[child[index]]])

@@ -117,10 +117,7 @@ def torch_runner(path: Path) -> Predict:
     return predict
 
 
-def tflite_runner(path: Path) -> Predict:
-    """A TFLite model, integer input/output included: float pixels are quantized with the
-    model's own input parameters (MLPerf's int8 model: scale 1, zero point -128, i.e.
-    pixel - 128) and integer outputs dequantized with its output parameters."""
+def tflite_interpreter(path: Path):
     import os
     import warnings
 
@@ -133,6 +130,15 @@ def tflite_runner(path: Path) -> Predict:
             interpreter = tf.lite.Interpreter(model_path=str(_require(path)))
     except ValueError as exc:
         raise PipelineError(f"{path}: not a loadable TFLite model ({' '.join(str(exc).split())[:200]})") from None
+    interpreter.allocate_tensors()
+    return interpreter
+
+
+def tflite_runner(path: Path) -> Predict:
+    """A TFLite model, integer input/output included: float pixels are quantized with the
+    model's own input parameters (MLPerf's int8 model: scale 1, zero point -128, i.e.
+    pixel - 128) and integer outputs dequantized with its output parameters."""
+    interpreter = tflite_interpreter(path)
     source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
 
     def predict(x: np.ndarray) -> np.ndarray:

@@ -15,7 +15,6 @@ from torch import nn
 from .adaround import GRIDS
 
 ACTIVATION_DTYPES = {"uint8": torch.quint8, "int8": torch.qint8}
-EXECUTION = {"uint8": "integer-kernels", "int8": "simulated-qdq"}
 
 
 def qconfig_mapping(dtype: str, per_channel: bool, reduce_range: bool):
@@ -33,8 +32,12 @@ def qconfig_mapping(dtype: str, per_channel: bool, reduce_range: bool):
         weight = torch.ao.quantization.MinMaxObserver.with_args(
             dtype=torch.qint8, qscheme=torch.per_tensor_symmetric, **grid)
     mapping = QConfigMapping().set_global(QConfig(activation=activation, weight=weight))
-    # Scores leave the network as float: an 8-bit softmax would turn close calls into ties.
-    return mapping.set_object_type(nn.Softmax, None).set_object_type(F.softmax, None)
+    # Scores leave the network as float: an 8-bit softmax would turn close calls into ties. The
+    # average pool runs in float too: quantized, it keeps its input's scale (the last ReLU's, four
+    # times coarser than the pooled features need); in float, the features get their own range
+    # before the Linear layer (agreement with float on held-out images: 0.9864 -> 0.9906, uint8).
+    return (mapping.set_object_type(nn.Softmax, None).set_object_type(F.softmax, None)
+            .set_object_type(nn.AvgPool2d, None))
 
 
 def backend_config(dtype: str):
