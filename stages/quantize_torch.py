@@ -5,7 +5,7 @@
 
 Starts from the BatchNorm-folded graph with AdaRound's weights (onnx2torch); every activation
 observer holds the range from the activation_ranges stage (no calibration pass in torch). `uint8`: quint8 activations, qint8
-weights, fbgemm/x86 integer kernels. `int8`: qint8 activations and weights, a reference
+weights, PyTorch's QNNPACK integer kernels (exact on every x86 CPU). `int8`: qint8 activations and weights, a reference
 (simulated quantize/dequantize) model, because no torch CPU kernel takes qint8 activations.
 Writes model.pt (TorchScript) and info.json (settings, graph check).
 """
@@ -24,7 +24,7 @@ from .lib.files import atomic_path, write_json
 from .lib.quant_checks import require_quantized, torch_summary
 from .lib.runners import torch_load
 from .lib.torch_models import from_onnx, save_torchscript
-from .lib.torch_quant import quantize
+from .lib.torch_quant import ENGINE, quantize
 
 WEIGHTED_LAYERS = 10  # ResNet8: 9 Conv + 1 Dense
 
@@ -54,7 +54,7 @@ def main() -> None:
         require_quantized(variant, summary, WEIGHTED_LAYERS)
         info = {"backend": "pytorch", "dtype": args.dtype,
                 "activation_dtype": {"uint8": "quint8", "int8": "qint8"}[args.dtype], "weight_dtype": "qint8",
-                "engine": "x86", "settings": p, "calibration_images": len(calibration.images),
+                "engine": ENGINE, "settings": p, "calibration_images": len(calibration.images),
                 "graph_check": summary}
         (tmp / "info.json").write_text(json.dumps(info, indent=2) + "\n")
     test = cifar10.load(args.data, "test", limit=layer_error.IMAGES)

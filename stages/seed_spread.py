@@ -50,7 +50,7 @@ def main() -> None:
         if without_seed(run["params"]) == reference:
             by_seed.setdefault(run["params"]["calibrate"]["seed"], run["summary"])
     seeds = sorted(by_seed)
-    variants = [v for v, s in by_seed[seeds[0]].items() if s.get("execution") != "float" and not s.get("reference")]
+    variants = [v for v, s in by_seed[seeds[0]].items() if v not in ("keras", "onnx", "torch") and not s.get("reference")]
     print(f"calibration seeds: {seeds}")
     print(f"{'variant':<14} " + " ".join(f"seed {s:<4}" for s in seeds) + "   mean    min     max     std")
     for variant in variants:

@@ -728,18 +728,18 @@ def test_a_temp_left_by_a_killed_evaluate_does_not_break_dvc_plots(base, tmp_pat
     shutil.copytree(base / DATA, project / DATA)
     (project / ONNX).parent.mkdir(parents=True)
     shutil.copy(base / ONNX, project / ONNX)
-    argv = ["stages.evaluate", *evaluate_args("onnx", "onnx", ONNX)]
-    # the confusion plot exactly as the project's dvc.yaml defines it
+    # the confusion plot exactly as the project's dvc.yaml defines it, over the variant it names
     plots = [p for p in yaml.safe_load((REPO / "dvc.yaml").read_text()).get("plots", [])
-             if "plots/confusion" in yaml.safe_dump(p)]
-    if not plots:
-        pytest.skip("dvc.yaml defines no plot over plots/confusion")
+             if "plots/confusion/" in yaml.safe_dump(p)]
+    assert plots, "dvc.yaml defines no plot over plots/confusion"
+    variant = Path(next(iter(plots[0]))).stem
+    argv = ["stages.evaluate", *evaluate_args(variant, "onnx", ONNX)]
     (project / "dvc.yaml").write_text(yaml.safe_dump({
         "stages": {"evaluate": {
             "cmd": "python -m " + " ".join(argv),
             "deps": [ONNX, DATA], "params": ["evaluate"],
-            "outs": ["data/predictions/onnx.npy", "plots/confusion/onnx.csv"],
-            "metrics": [{"metrics/eval/onnx.json": {"cache": False}}]}},
+            "outs": [f"data/predictions/{variant}.npy", f"plots/confusion/{variant}.csv"],
+            "metrics": [{f"metrics/eval/{variant}.json": {"cache": False}}]}},
         "plots": plots}, sort_keys=False))
     dvc(project, "init", "--no-scm", "-q")
     shutil.copy(REPO / ".dvcignore", project / ".dvcignore")  # the project's own ignore rules

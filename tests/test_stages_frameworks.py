@@ -400,12 +400,18 @@ def test_the_quantize_chain_gives_the_same_bytes_and_labels_on_an_avx2_cpu(tiny,
                 "--calibration", "data/calibration", "--ranges", RANGES, "--out", "models/torch_uint8",
                 "--float-model", folded, "--data", "data/cifar10",
                 "--layer-error", "metrics/layer_error/torch_uint8.json", cwd=project)
+    for name in ("metrics/eval/torch.json", "data/predictions/torch.npy"):
+        shutil.copy(tiny / name, project / name)
+    run_on_avx2("stages.evaluate", "--variant", "torch_uint8", "--kind", "torch", "--model", "models/torch_uint8/model.pt",
+                "--data", "data/cifar10", "--metrics", "metrics/eval/torch_uint8.json",
+                "--predictions", "data/predictions/torch_uint8.npy", "--confusion", "plots/confusion/torch_uint8.csv",
+                "--parent", "torch", "--parent-metrics", "metrics/eval/torch.json",
+                "--parent-predictions", "data/predictions/torch.npy", cwd=project)
     artifacts = [folded, RANGES, *(f"models/adaround_{d}/resnet8.onnx" for d in DTYPES),
                  *(f"models/ort_{d}/model.onnx" for d in DTYPES), "models/torch_uint8/model.pt"]
     differ = [name for name in artifacts if (project / name).read_bytes() != (tiny / name).read_bytes()]
     assert not differ, f"on the AVX2 CPU these differ: {differ}"
-    for dtype in DTYPES:  # ONNX Runtime's integer kernels give the same answers on both CPU kinds
-        variant = f"ort_{dtype}"
+    for variant in ("ort_int8", "ort_uint8", "torch_uint8"):  # the integer kernels answer the same on both
         assert (np.load(project / f"data/predictions/{variant}.npy")
                 == np.load(tiny / f"data/predictions/{variant}.npy")).all(), variant
         assert read(project, f"metrics/eval/{variant}.json")["execution"] == read(tiny, f"metrics/eval/{variant}.json")["execution"]

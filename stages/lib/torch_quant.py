@@ -1,6 +1,6 @@
 """PyTorch static PTQ on the onnx2torch graph: prepare -> calibrate -> convert (torch.ao FX).
 
-uint8: quint8 activations, qint8 weights, converted to the x86 (fbgemm) integer kernels.
+uint8: quint8 activations, qint8 weights, converted to PyTorch's integer kernels (QNNPACK, ENGINE).
 int8:  qint8 activations, qint8 weights. No torch CPU kernel takes qint8 activations, so it is
        converted to a reference model (quantize / dequantize around float ops) whose Conv and
        Linear layers keep their weights as qint8 tensors and dequantize them when they run.
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adaround import GRIDS
+from .runners import TORCH_ENGINE as ENGINE
 
 ACTIVATION_DTYPES = {"uint8": torch.quint8, "int8": torch.qint8}
 
@@ -167,7 +168,7 @@ def quantize(float_model: torch.fx.GraphModule, onnx_graph, ranges: dict, dtype:
     the model was converted from; `example` a float32 NHWC batch for tracing."""
     from torch.ao.quantization.quantize_fx import convert_fx, convert_to_reference_fx, prepare_fx
 
-    torch.backends.quantized.engine = "x86"
+    torch.backends.quantized.engine = ENGINE
     backend = backend_config(dtype)
     prepared = prepare_fx(float_model.eval(), qconfig_mapping(dtype, per_channel, reduce_range),
                           example_inputs=(torch.from_numpy(example),), backend_config=backend)
