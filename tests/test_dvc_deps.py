@@ -3,7 +3,6 @@ directly or through other modules: an edit to any of them must re-run the stage.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import yaml

@@ -8,7 +8,6 @@ to include 0, as every quantizer does.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -71,7 +70,3 @@ def ort_overrides(ranges: dict[str, Range]) -> dict[str, list[dict]]:
     """ONNX Runtime's TensorQuantOverrides: the quantizer computes scale and zero point from these."""
     return {name: [{"rmin": np.array(r.low, np.float32), "rmax": np.array(r.high, np.float32)}]
             for name, r in ranges.items()}
-
-
-def dumps(ranges: dict[str, Range]) -> str:
-    return json.dumps({name: [r.low, r.high] for name, r in ranges.items()}, sort_keys=True)
