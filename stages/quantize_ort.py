@@ -19,7 +19,7 @@ from .lib import cifar10, layer_error
 from .lib import params as params_lib
 from .lib import ranges as ranges_lib
 from .lib.calibration import CalibrationSet, ort_reader
-from .lib.errors import run_main
+from .lib.errors import PipelineError, run_main
 from .lib.files import atomic_path, write_json
 from .lib.quant_checks import onnx_summary, require_quantized
 from .lib.runners import onnx_session
@@ -56,6 +56,35 @@ def quantize(model: Path, out: Path, dtype: str, calibration: CalibrationSet, ra
     )
 
 
+def require_calibrated_ranges(model: Path, ranges: dict, dtype: str, symmetric: bool) -> int:
+    """Every activation QuantizeLinear in the saved model must hold the scale and zero point that
+    ONNX Runtime's own formula gives for our range of its tensor, not one from its calibration
+    pass. Returns how many were checked."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization.quant_utils import compute_scale_zp, get_qmin_qmax_for_qType
+
+    graph = onnx.load(str(model)).graph
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    qtype = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[dtype].tensor_type
+    qmin, qmax = get_qmin_qmax_for_qType(qtype, reduce_range=False, symmetric=symmetric)
+    checked, wrong = 0, []
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] not in ranges:
+            continue
+        low, high = ranges[node.input[0]].low, ranges[node.input[0]].high
+        zero, scale = compute_scale_zp(np.array(low, np.float32), np.array(high, np.float32), qmin, qmax, symmetric)
+        if values[node.input[1]] != np.float32(scale) or values[node.input[2]] != zero:
+            wrong.append(node.input[0])
+        checked += 1
+    if wrong or not checked:
+        raise PipelineError(f"{model}: {len(wrong)} of {checked} activation quantizers do not hold the calibrated "
+                            f"range ({', '.join(wrong[:3]) or 'none checked'}); the range overrides did not take")
+    return checked
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", required=True, choices=params_lib.DTYPES)
@@ -72,10 +101,12 @@ def main() -> None:
 
     calibration = CalibrationSet.load(args.calibration)
     with atomic_path(args.out, directory=True) as tmp:
-        quantize(args.model, tmp / "model.onnx", args.dtype, calibration, ranges_lib.load(args.ranges), p)
+        ranges = ranges_lib.load(args.ranges)
+        quantize(args.model, tmp / "model.onnx", args.dtype, calibration, ranges, p)
+        checked = require_calibrated_ranges(tmp / "model.onnx", ranges, args.dtype, p["symmetric_activations"])
         summary = onnx_summary(tmp / "model.onnx")
         require_quantized(variant, summary, WEIGHTED_LAYERS)
-        info = {"backend": "onnxruntime", "dtype": args.dtype,
+        info = {"backend": "onnxruntime", "dtype": args.dtype, "calibrated_quantizers_checked": checked,
                 "settings": p, "calibration_images": len(calibration.images),
                 "graph_check": summary}
         (tmp / "info.json").write_text(json.dumps(info, indent=2) + "\n")

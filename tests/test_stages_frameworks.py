@@ -415,3 +415,18 @@ def test_the_quantize_chain_gives_the_same_bytes_and_labels_on_an_avx2_cpu(tiny,
         assert (np.load(project / f"data/predictions/{variant}.npy")
                 == np.load(tiny / f"data/predictions/{variant}.npy")).all(), variant
         assert read(project, f"metrics/eval/{variant}.json")["execution"] == read(tiny, f"metrics/eval/{variant}.json")["execution"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_onnxruntime_models_hold_the_calibrated_ranges_and_a_foreign_range_is_refused(tiny, dtype):
+    from stages.lib import ranges as ranges_lib
+    from stages.lib.errors import PipelineError
+    from stages.quantize_ort import require_calibrated_ranges
+
+    model, ranges = tiny / f"models/ort_{dtype}/model.onnx", ranges_lib.load(tiny / RANGES)
+    assert read(tiny, f"models/ort_{dtype}/info.json")["calibrated_quantizers_checked"] >= 10
+    assert require_calibrated_ranges(model, ranges, dtype, symmetric=False) >= 10
+    name = next(n for n, r in ranges.items() if r.high > 0 and n.endswith("Relu:0"))
+    moved = {**ranges, name: ranges_lib.Range(ranges[name].low, ranges[name].high * 1.01)}
+    with pytest.raises(PipelineError, match="do not hold the calibrated range"):
+        require_calibrated_ranges(model, moved, dtype, symmetric=False)
