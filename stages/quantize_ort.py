@@ -103,9 +103,9 @@ def main() -> None:
     with atomic_path(args.out, directory=True) as tmp:
         ranges = ranges_lib.load(args.ranges)
         quantize(args.model, tmp / "model.onnx", args.dtype, calibration, ranges, p)
-        checked = require_calibrated_ranges(tmp / "model.onnx", ranges, args.dtype, p["symmetric_activations"])
         summary = onnx_summary(tmp / "model.onnx")
         require_quantized(variant, summary, WEIGHTED_LAYERS)
+        checked = require_calibrated_ranges(tmp / "model.onnx", ranges, args.dtype, p["symmetric_activations"])
         info = {"backend": "onnxruntime", "dtype": args.dtype, "calibrated_quantizers_checked": checked,
                 "settings": p, "calibration_images": len(calibration.images),
                 "graph_check": summary}
