@@ -27,8 +27,13 @@ from .lib.errors import PipelineError, run_main
 from .lib.files import atomic_path, load_npy, read_json, write_json
 
 
+def model_file(kind: str, model: Path) -> Path:
+    """The file that holds the model (a quantize_torch directory holds one of two kinds)."""
+    return runners.torch_quantized_model(model)[1] if kind == "torch_quantized" else model
+
+
 def model_info(model: Path) -> dict:
-    """The sidecar info.json a quantize stage writes beside its model (dtype, settings, graph check)."""
+    """The sidecar info.json a quantize stage writes beside its model (dtype, settings, what runs)."""
     info = model.parent / "info.json"
     return json.loads(info.read_text()) if info.is_file() else {}
 
@@ -64,9 +69,10 @@ def main() -> None:
     predict = runners.load_runner(args.kind, args.model)
     scores = runners.predict_all(predict, test.images, p["batch_size"])
     described = {"reference": args.reference} if args.reference else {}
-    result = {"variant": args.variant, "kind": args.kind, **described, **model_info(args.model),
+    file = model_file(args.kind, args.model)
+    result = {"variant": args.variant, "kind": args.kind, **described, **model_info(file),
               "execution": execution.measure(args.kind, args.model),
-              "model_bytes": args.model.stat().st_size,
+              "model_bytes": file.stat().st_size,
               **metrics.classification(scores, test.labels)}
 
     if args.parent is None:

@@ -10,6 +10,15 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# Every test carries one of four markers, by module (pytest.ini lists them): `-m unit` is the fast set.
+SUITE = {"test_stages_frameworks": "frameworks", "test_faults": "faults", "test_pipeline_e2e": "e2e"}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        marker = SUITE.get(item.module.__name__.rsplit(".", 1)[-1], "unit")
+        if marker not in item.keywords:
+            item.add_marker(getattr(pytest.mark, marker))
 
 
 def stage_env(**extra: str) -> dict:
@@ -17,6 +26,7 @@ def stage_env(**extra: str) -> dict:
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    env["RESNET8_STRICT_WARNINGS"] = "1"  # deprecations from our code and the frameworks fail the stage
     env.update(extra)
     return env
 

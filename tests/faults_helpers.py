@@ -18,7 +18,7 @@
         kill as `faults_helpers: SIGKILL at SPEC`.
 
     python -m tests.faults_helpers torch-float ARGS...
-        stages.quantize_torch with torch_quant.qconfig_mapping returning an empty QConfigMapping,
+        stages.quantize_torch with torch_quant.quantizer returning a PT2E quantizer that annotates nothing,
         so the quantizer leaves every layer in float.
 
     python -m tests.faults_helpers ort-float ARGS...
@@ -119,11 +119,18 @@ def inject(spec: str, module: str, args: list[str]) -> None:
 
 
 def torch_float(args: list[str]) -> None:
-    from torch.ao.quantization import QConfigMapping
+    from torchao.quantization.pt2e.quantizer import Quantizer
 
     from stages.lib import torch_quant
 
-    torch_quant.qconfig_mapping = lambda *a, **k: QConfigMapping()  # quantize nothing
+    class Nothing(Quantizer):
+        def annotate(self, model):
+            return model
+
+        def validate(self, model) -> None:
+            pass
+
+    torch_quant.quantizer = lambda *a, **k: Nothing()  # quantize nothing
     run_stage("stages.quantize_torch", args)
 
 

@@ -104,8 +104,10 @@ def write_params(project: Path, edits: dict | None = None) -> None:
 
 
 def quantize_args(dtype: str, model: str, out: str, calibration: str = CALIBRATION,
-                  layer_error: str | None = None) -> list[str]:
-    return ["--dtype", dtype, "--model", model, "--calibration", calibration, "--ranges", RANGES, "--out", out,
+                  layer_error: str | None = None, backend: str = "ort") -> list[str]:
+    """quantize_ort's arguments; with backend="torch", quantize_torch's (it takes the ranges only)."""
+    calibration_args = ["--calibration", calibration] if backend == "ort" else []
+    return ["--dtype", dtype, "--model", model, *calibration_args, "--ranges", RANGES, "--out", out,
             "--float-model", FOLDED, "--data", DATA,
             "--layer-error", layer_error or f"metrics/layer_error/{Path(out).name}.json"]
 
@@ -137,7 +139,7 @@ def parallel(*jobs: Callable[[], object]) -> list:
 
 def build_base(project: Path) -> Path:
     """Tiny Keras model and data, its ONNX and folded ONNX, calibration, and one quantized model
-    per backend (ort_int8, torch_uint8): the previous good outputs the faults must not damage."""
+    per backend (ort_int8, torch_int8): the previous good outputs the faults must not damage."""
     project.mkdir(parents=True, exist_ok=True)
     write_params(project)
     run_script("tiny_models", KERAS, DATA, cwd=project)
@@ -149,8 +151,8 @@ def build_base(project: Path) -> Path:
     run_module("stages.activation_ranges", "--model", FOLDED, "--calibration", CALIBRATION, "--out", RANGES,
                cwd=project)
     parallel(lambda: run_module("stages.quantize_ort", *quantize_args("int8", FOLDED, "models/ort_int8"), cwd=project),
-             lambda: run_module("stages.quantize_torch", *quantize_args("uint8", FOLDED, "models/torch_uint8"),
-                                cwd=project))
+             lambda: run_module("stages.quantize_torch",
+                                *quantize_args("int8", FOLDED, "models/torch_int8", backend="torch"), cwd=project))
     return project
 
 
@@ -453,22 +455,22 @@ def test_sigkill_during_quantize_ort_at_timed_moments(base, tmp_path):
 def test_sigkill_during_quantize_torch_at_timed_moments(base, tmp_path):
     project = clone(base, tmp_path / "project")
     write_params(project, {"quantize_torch": {"per_channel": False}})  # so that new != previous
-    out = "models/torch_uint8"
-    argv = ["-m", "stages.quantize_torch", *quantize_args("uint8", FOLDED, out)]
+    out = "models/torch_int8"
+    argv = ["-m", "stages.quantize_torch", *quantize_args("int8", FOLDED, out, backend="torch")]
     outputs = quantize_outputs(out)
     triggers = [("SIGKILL at 1.5 s (imports)", after(1.5)),
                 ("SIGKILL when the temp dir appears", new_temporary())]
     if len(outputs) > 1:  # the per-layer error is computed after the model is renamed in
         triggers.append(("SIGKILL when model dir renamed in", output_replaced(0)))
-    kill_series(project, argv, outputs, triggers, "quantize_torch uint8", tmp_path / "logs")
+    kill_series(project, argv, outputs, triggers, "quantize_torch int8", tmp_path / "logs")
 
 
 # --------------------------------------------------------------------------- 1. SIGKILL: evaluate
 
 def test_sigkill_during_evaluate_at_timed_moments(base, tmp_path):
     project = clone(base, tmp_path / "project")
-    variant = "torch_uint8"
-    argv = ["-m", "stages.evaluate", *evaluate_args(variant, "torch", "models/torch_uint8/model.pt")]
+    variant = "torch_int8"
+    argv = ["-m", "stages.evaluate", *evaluate_args(variant, "torch_quantized", "models/torch_int8")]
     outputs = evaluate_outputs(variant)
     write_params(project, {"evaluate": {"samples": 24}})  # the previous good outputs: other params
     run_module(*argv[1:], cwd=project)
@@ -477,7 +479,7 @@ def test_sigkill_during_evaluate_at_timed_moments(base, tmp_path):
         ("SIGKILL at 0.5 s", after(0.5)),
         ("SIGKILL at 2.0 s", after(2.0)),
         ("SIGKILL when predictions renamed in", output_replaced(1)),
-    ], "evaluate torch_uint8", tmp_path / "logs")
+    ], "evaluate torch_int8", tmp_path / "logs")
 
 
 # --------------------------------------------------------------------------- 1. SIGKILL injected at each step
@@ -781,8 +783,9 @@ class Corrupt:
         return self.id
 
 
-def _q(dtype: str, model: str, case: str, calibration: str = CALIBRATION) -> tuple:
-    return tuple(quantize_args(dtype, model, f"out/{case}/model", calibration, f"out/{case}/layer_error.json"))
+def _q(dtype: str, model: str, case: str, calibration: str = CALIBRATION, backend: str = "ort") -> tuple:
+    return tuple(quantize_args(dtype, model, f"out/{case}/model", calibration, f"out/{case}/layer_error.json",
+                               backend))
 
 
 def _e(kind: str, model: str, case: str, data: str = DATA, parent: bool = False) -> tuple:
@@ -798,7 +801,7 @@ CORRUPT = [
             ("--keras", "bad/pretrainedResnet.h5", "--data", DATA, "--out", "out/c1/resnet8.onnx",
              "--metrics", "out/c1/m.json"), "bad/pretrainedResnet.h5"),
     Corrupt("truncated-onnx>convert_torch", "stages.convert_torch",
-            ("--onnx", "bad/truncated.onnx", "--data", DATA, "--out", "out/c3/resnet8.pt", "--metrics", "out/c3/m.json"),
+            ("--onnx", "bad/truncated.onnx", "--data", DATA, "--out", "out/c3/resnet8.pt2", "--metrics", "out/c3/m.json"),
             "bad/truncated.onnx"),
     Corrupt("truncated-onnx>fold_batchnorm", "stages.fold_batchnorm",
             ("--onnx", "bad/truncated.onnx", "--data", DATA, "--out", "out/c4/f.onnx", "--metrics", "out/c4/m.json"),
@@ -807,8 +810,10 @@ CORRUPT = [
             "bad/truncated.onnx"),
     Corrupt("garbage-onnx>evaluate", "stages.evaluate", _e("onnx", "bad/garbage.onnx", "c6"), "bad/garbage.onnx"),
     Corrupt("truncated-onnx>evaluate", "stages.evaluate", _e("onnx", "bad/truncated.onnx", "c7"), "bad/truncated.onnx"),
-    Corrupt("truncated-torchscript>evaluate", "stages.evaluate", _e("torch", "bad/truncated.pt", "c8"),
-            "bad/truncated.pt"),
+    Corrupt("truncated-pte>evaluate", "stages.evaluate", _e("executorch", "bad/truncated.pte", "c8"),
+            "bad/truncated.pte"),
+    Corrupt("truncated-pt2>evaluate", "stages.evaluate", _e("torch", "bad/truncated.pt2", "c18"),
+            "bad/truncated.pt2"),
     Corrupt("no-test_images.npy>evaluate", "stages.evaluate", _e("onnx", ONNX, "c9", data="bad/no_test_images"),
             "bad/no_test_images/test_images.npy"),
     Corrupt("no-calibration-dir>quantize_ort", "stages.quantize_ort", _q("int8", FOLDED, "c10", "bad/no_calibration"),
@@ -821,7 +826,7 @@ CORRUPT = [
             _e("onnx", ONNX, "c13", data="bad/truncated_test_images"), "bad/truncated_test_images/test_images.npy"),
     Corrupt("truncated-calibration-images.npy>quantize_ort", "stages.quantize_ort",
             _q("int8", FOLDED, "c14", "bad/truncated_calibration"), "bad/truncated_calibration/images.npy"),
-    Corrupt("garbage-onnx>quantize_torch", "stages.quantize_torch", _q("uint8", "bad/garbage.onnx", "c15"),
+    Corrupt("garbage-onnx>quantize_torch", "stages.quantize_torch", _q("uint8", "bad/garbage.onnx", "c15", backend="torch"),
             "bad/garbage.onnx"),
     Corrupt("garbage-onnx>adaround", "stages.adaround",
             ("--dtype", "int8", "--model", "bad/garbage.onnx", "--calibration", CALIBRATION, "--ranges", RANGES,
@@ -845,7 +850,10 @@ def run_damaged_inputs(base: Path, project: Path) -> tuple[Path, dict]:
     truncate_copy(project / KERAS, bad / "pretrainedResnet.h5")
     truncate_copy(project / ONNX, bad / "truncated.onnx")
     (bad / "garbage.onnx").write_bytes(hashlib.sha512(b"garbage").digest() * 64)
-    truncate_copy(project / "models/torch_uint8/model.pt", bad / "truncated.pt")
+    truncate_copy(project / "models/torch_int8/model.pte", bad / "truncated.pte")
+    run_module("stages.convert_torch", "--onnx", ONNX, "--data", DATA, "--out", "bad/float.pt2",
+               "--metrics", "bad/convert_torch.json", cwd=project)
+    truncate_copy(bad / "float.pt2", bad / "truncated.pt2")
     shutil.copytree(project / DATA, bad / "no_test_images")
     (bad / "no_test_images/test_images.npy").unlink()
     shutil.copytree(project / DATA, bad / "truncated_test_images")
@@ -900,7 +908,7 @@ def test_damaged_input_is_reported_in_one_error_line_naming_the_file(corrupt_run
 def test_drift_gate_stops_convert_torch_naming_the_stage_and_the_figure(base, tmp_path):
     project = clone(base, tmp_path / "project")
     write_params(project, {"convert": {"max_abs_diff": 1e-12}})
-    out, metrics = "models/torch/resnet8.pt", "metrics/convert_torch.json"
+    out, metrics = "models/torch/resnet8.pt2", "metrics/convert_torch.json"
     result = run_module("stages.convert_torch", "--onnx", ONNX, "--data", DATA, "--out", out, "--metrics", metrics,
                         cwd=project, check=False)
     line = last_line(result.stderr)
@@ -914,35 +922,42 @@ def test_drift_gate_stops_convert_torch_naming_the_stage_and_the_figure(base, tm
     assert not temporaries(project, [out, metrics])
 
 
+def _runs(conv: int, gemm: int, float_layers: list[str]) -> dict:
+    """An execution summary (stages.lib.execution) with `conv` of 9 Conv and `gemm` of 1 Gemm integer."""
+    return {"layers": {"Conv": f"{conv}/9 integer", "Gemm": f"{gemm}/1 integer", "Add": "3/3 integer"},
+            "float_layers": float_layers}
+
+
 @pytest.mark.parametrize("variant, summary, done, float_named", [
-    ("torch_uint8", {"integer_kernels": 0, "simulated_qdq_layers": 0,
-                     "float_layers": [f"aten::_convolution conv{i}" for i in range(9)] + ["aten::linear fc"]}, 0, "conv0"),
-    ("torch_int8", {"integer_kernels": 0, "simulated_qdq_layers": 9, "float_layers": ["aten::linear fc"]}, 9, "fc"),
+    ("torch_uint8", _runs(0, 0, [f"Conv aten.convolution.default conv{i}" for i in range(9)]
+                          + ["Gemm aten.linear.default fc"]), 0, "conv0"),
+    ("torch_int8", _runs(9, 0, ["Gemm aten::linear (portable)"]), 9, "aten::linear"),
     ("ort_int8", {"quantized_layers": 9, "float_layers": ["Gemm_0"]}, 9, "Gemm_0"),
     ("ort_uint8", {"quantized_layers": 8, "float_layers": []}, 8, "none"),
 ])
 def test_not_quantized_gate_names_the_variant_and_the_count(variant, summary, done, float_named):
     from stages.lib.errors import PipelineError
-    from stages.lib.quant_checks import require_quantized
+    from stages.lib.quant_checks import require_integer_execution, require_quantized
 
+    check = require_integer_execution if variant.startswith("torch") else require_quantized
     with pytest.raises(PipelineError) as info:
-        require_quantized(variant, summary, 10)
+        check(variant, summary, 10)
     message = str(info.value)
-    record(f"summary: {done} of 10 layers quantized", f"require_quantized {variant}", f"PipelineError: {message[:80]}")
+    record(f"summary: {done} of 10 layers quantized", f"{check.__name__} {variant}", f"PipelineError: {message[:80]}")
     assert message.startswith(f"{variant}: {done} of 10 ")
     assert float_named in message
 
 
 def test_not_quantized_gate_passes_a_fully_quantized_summary():
-    from stages.lib.quant_checks import require_quantized
+    from stages.lib.quant_checks import require_integer_execution, require_quantized
 
-    require_quantized("torch_uint8", {"integer_kernels": 10, "simulated_qdq_layers": 0, "float_layers": []}, 10)
+    require_integer_execution("torch_uint8", _runs(9, 1, []), 10)
     require_quantized("ort_int8", {"quantized_layers": 10, "float_layers": []}, 10)
 
 
 @pytest.mark.parametrize("backend, dtype", [("torch", "uint8"), ("ort", "int8")])
 def test_a_quantizer_that_quantizes_nothing_stops_the_stage(base, tmp_path, backend, dtype):
-    """The quantizer is sabotaged in a subprocess (torch: an empty QConfigMapping; ORT: only Relu
+    """The quantizer is sabotaged in a subprocess (torch: a PT2E quantizer that annotates nothing; ORT: only Relu
     quantized): the stage must refuse the float model, name the variant and the count, and
     leave no output (and no previous output damaged)."""
     project = clone(base, tmp_path / "project")
@@ -950,10 +965,10 @@ def test_a_quantizer_that_quantizes_nothing_stops_the_stage(base, tmp_path, back
     out = f"models/{variant}_sabotaged"
     outputs = quantize_outputs(out)
     result = subprocess.run([sys.executable, "-m", "tests.faults_helpers", f"{backend}-float",
-                             *quantize_args(dtype, FOLDED, out)], cwd=project, env=stage_env(),
+                             *quantize_args(dtype, FOLDED, out, backend=backend)], cwd=project, env=stage_env(),
                             capture_output=True, text=True, timeout=600)
     line = last_line(result.stderr)
-    record(f"quantizer leaves every layer float ({'empty QConfigMapping' if backend == 'torch' else 'Relu only'})",
+    record(f"quantizer leaves every layer float ({'annotates nothing' if backend == 'torch' else 'Relu only'})",
            f"quantize_{backend} {dtype}", f"exit {result.returncode}; {line[:100]}")
     assert result.returncode == 1, result.stderr[-3000:]
     assert line.startswith(f"error: {variant}: 0 of 10 "), line

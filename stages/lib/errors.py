@@ -11,6 +11,9 @@ class PipelineError(Exception):
 
 def run_main(main: Callable[[], None]) -> None:
     """Run a stage's main(); a PipelineError becomes one line on stderr and exit status 1."""
+    from .warnings_policy import install
+
+    install()
     try:
         main()
     except PipelineError as exc:

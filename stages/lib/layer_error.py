@@ -6,9 +6,9 @@ without loss (the 8-bit input pixels, scale 1) has no noise and no row.
 ONNX Runtime: its own QDQ debugging tools (onnxruntime.quantization.qdq_loss_debug), over every
 tensor with a QuantizeLinear / DequantizeLinear pair. Each row names the ONNX node its tensor
 belongs to (`node`: the Conv / Gemm / Add, also for the ReLU after it), so that both backends'
-rows meet on the same layer. PyTorch: an FX interpreter records each
-quantized Conv / Linear module's output (dequantized) and the float graph's output of the same
-layer (after its ReLU when the quantized module fused one).
+rows meet on the same layer. PyTorch: an FX interpreter runs the PT2E quantized graph (the
+quantize / dequantize model before lowering) and records each quantized activation, dequantized;
+it is matched to the float graph's value of the same ONNX tensor (torch_quant.observed_tensor).
 """
 from __future__ import annotations
 
@@ -25,6 +25,20 @@ def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
     noise = float(np.sum((reference - test) ** 2))
     signal = float(np.sum(reference ** 2))
     return float("inf") if noise == 0 else round(float(10 * np.log10(max(signal, 1e-30) / noise)), 1)
+
+
+def layer_of(graph):
+    """tensor -> the ONNX node it belongs to: its producer, or the Conv / Gemm / Add before a ReLU."""
+    producer = {out: node for node in graph.node for out in node.output}
+
+    def owner(tensor: str) -> str:
+        node = producer.get(tensor)
+        if node is not None and node.op_type == "Relu":
+            upstream = producer.get(node.input[0])
+            node = upstream if upstream is not None and upstream.op_type in ("Conv", "Gemm", "Add") else node
+        return node.name if node is not None else tensor
+
+    return owner
 
 
 def ort_layer_errors(float_model: Path, quantized_model: Path, images: np.ndarray) -> list[dict]:
@@ -45,16 +59,7 @@ def ort_layer_errors(float_model: Path, quantized_model: Path, images: np.ndarra
     matched = create_activation_matching(activations["quantized"], activations["float"])
     graph = onnx.load(str(float_model)).graph
     order = [out for node in graph.node for out in node.output]
-    producer = {out: node for node in graph.node for out in node.output}
-
-    def owner(tensor: str) -> str:
-        """The layer a tensor belongs to: its producer, or the Conv / Gemm / Add before a ReLU."""
-        node = producer.get(tensor)
-        if node is not None and node.op_type == "Relu":
-            upstream = producer.get(node.input[0])
-            node = upstream if upstream is not None and upstream.op_type in ("Conv", "Gemm", "Add") else node
-        return node.name if node is not None else tensor
-
+    owner = layer_of(graph)
     rows = []
     for name in sorted(matched, key=lambda n: order.index(n) if n in order else len(order)):
         match = matched[name]
@@ -66,33 +71,45 @@ def ort_layer_errors(float_model: Path, quantized_model: Path, images: np.ndarra
     return rows
 
 
-def torch_layer_errors(float_model, quantized_model, images: np.ndarray) -> list[dict]:
+def torch_layer_errors(float_model, quantized_model, onnx_graph, images: np.ndarray) -> list[dict]:
+    """`float_model`: the onnx2torch graph of `onnx_graph`; `quantized_model`: its PT2E quantized graph."""
     import torch
 
-    from .torch_quant import is_quantized_layer
+    from .torch_quant import observed_tensor
 
-    def record(model, keep) -> dict:
-        outputs = {}
+    batch = torch.from_numpy(np.asarray(images, dtype=np.float32))
+    quantize = torch.ops.quantized_decomposed.quantize_per_tensor.default
+    quantized: dict[str, torch.Tensor] = {}
 
-        class Recorder(torch.fx.Interpreter):
-            def run_node(self, node):
-                result = super().run_node(node)
-                if node.op == "call_module" and keep(node.target):
-                    outputs[node.target] = result.dequantize() if result.is_quantized else result
-                return result
+    class QuantizedRecorder(torch.fx.Interpreter):
+        def run_node(self, node):
+            result = super().run_node(node)
+            if node.target == quantize:
+                _, scale, zero_point = node.args[:3]
+                tensor = observed_tensor(node.args[0], onnx_graph)
+                quantized[tensor] = (result.double() - zero_point) * scale
+            return result
 
-        with torch.inference_mode():
-            Recorder(model).run(torch.from_numpy(np.asarray(images, dtype=np.float32)))
-        return outputs
+    float_outputs: dict[str, torch.Tensor] = {}
+    names = {n.name: n.output[0] for n in onnx_graph.node}
 
-    quantized = record(quantized_model, lambda t: is_quantized_layer(quantized_model.get_submodule(t)))
-    reference = record(float_model, lambda t: True)
+    class FloatRecorder(torch.fx.Interpreter):
+        def run_node(self, node):
+            result = super().run_node(node)
+            if node.op == "call_module" and node.target in names:
+                float_outputs[names[node.target]] = result
+            return result
+
+    with torch.no_grad():
+        QuantizedRecorder(quantized_model).run(batch)
+        FloatRecorder(float_model).run(batch)
+    owner = layer_of(onnx_graph)
+    order = [out for node in onnx_graph.node for out in node.output]
     rows = []
-    for target, output in quantized.items():
-        float_target = target if target in reference else target.rsplit(".", 1)[0]  # padded conv: Sequential
-        expected = reference[float_target]
-        if "ReLU" in type(quantized_model.get_submodule(target)).__name__:
-            expected = torch.relu(expected)
-        rows.append({"layer": float_target, "node": float_target,
-                     "sqnr_db": sqnr_db(expected.numpy(), output.numpy())})
+    for tensor in sorted(quantized, key=lambda t: order.index(t) if t in order else -1):
+        if tensor not in float_outputs or float_outputs[tensor].shape != quantized[tensor].shape:
+            continue  # the graph input (8-bit pixels, lossless); the Pad before a padded Conv (its input plus zeros)
+        value = sqnr_db(float_outputs[tensor].numpy(), quantized[tensor].numpy())
+        if value != float("inf"):
+            rows.append({"layer": tensor, "node": owner(tensor), "sqnr_db": value})
     return rows

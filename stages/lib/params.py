@@ -95,7 +95,6 @@ SCHEMA: dict[str, dict[str, Rule]] = {
     },
     "quantize_torch": {
         "per_channel": _BOOL,
-        "reduce_range": _BOOL,
     },
 }
 

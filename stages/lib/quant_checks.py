@@ -51,36 +51,18 @@ def onnx_summary(path: Path) -> dict:
             "dequantize_nodes": sum(n.op_type == "DequantizeLinear" for n in graph.node)}
 
 
-TORCH_INTEGER_OPS = ("quantized::conv2d", "quantized::conv2d_relu", "quantized::linear",
-                     "quantized::linear_relu")
-TORCH_FLOAT_WEIGHTED = ("aten::_convolution", "aten::conv2d", "aten::linear", "aten::addmm", "aten::matmul")
-
-
-def torch_summary(model) -> dict:
-    """For a loaded TorchScript model: integer conv/linear kernels, and float conv/linear calls
-    whose weight and input both come out of aten::dequantize (simulated QDQ)."""
-    graph = model.inlined_graph
-    integer, simulated, float_layers = 0, 0, []
-    for node in graph.nodes():
-        kind = node.kind()
-        if kind in TORCH_INTEGER_OPS:
-            integer += 1
-        elif kind in TORCH_FLOAT_WEIGHTED:
-            inputs = list(node.inputs())
-            from_dequant = [i.node().kind() == "aten::dequantize" for i in inputs[:2]]
-            if all(from_dequant):
-                simulated += 1
-            else:
-                float_layers.append(f"{kind} {node.sourceRange().splitlines()[0] if node.sourceRange() else ''}".strip())
-    kinds = [n.kind() for n in graph.nodes()]
-    return {"integer_kernels": integer, "simulated_qdq_layers": simulated, "float_layers": float_layers,
-            "quantize_nodes": kinds.count("aten::quantize_per_tensor"),
-            "dequantize_nodes": kinds.count("aten::dequantize")}
-
-
 def require_quantized(variant: str, summary: dict, expected_layers: int) -> None:
-    done = summary.get("quantized_layers", summary.get("integer_kernels", 0) + summary.get("simulated_qdq_layers", 0))
+    done = summary["quantized_layers"]
     if summary["float_layers"] or done != expected_layers:
         raise PipelineError(f"{variant}: {done} of {expected_layers} Conv/Dense layers quantized, "
                             f"float layers left: {summary['float_layers'] or 'none'}; refusing a model "
                             "that is not fully quantized")
+
+
+def require_integer_execution(variant: str, runs: dict, expected_layers: int) -> None:
+    """`runs`: execution.measure of the saved model. Every Conv and Gemm must run on integer kernels."""
+    done = sum(int(runs["layers"][kind].split("/")[0]) for kind in ("Conv", "Gemm"))
+    weighted = [name for name in runs["float_layers"] if not name.startswith("Add")]
+    if weighted or done != expected_layers:
+        raise PipelineError(f"{variant}: {done} of {expected_layers} Conv/Dense layers run on integer kernels, "
+                            f"float layers left: {weighted or 'none'}; refusing a model that is not fully quantized")

@@ -15,12 +15,15 @@ from .errors import PipelineError
 
 Predict = Callable[[np.ndarray], np.ndarray]
 
-# PyTorch's integer kernels for uint8 models: QNNPACK. fbgemm ("x86") and oneDNN multiply uint8
-# activations by int8 weights with vpmaddubsw on CPUs without VNNI (AVX2 only), whose 16-bit sums
-# saturate for full-range activations: measured on an emulated AVX2 CPU (QEMU), torch_uint8 fell
-# from 0.8775 to 0.846 on 2,000 test images with fbgemm and from 0.879 to 0.739 on 1,000 with
-# oneDNN. QNNPACK accumulates in int32 on every x86 CPU and gave the same labels on both.
-TORCH_ENGINE = "qnnpack"
+# oneDNN's int8 kernels (torch_uint8, lowered to x86 by torchao) are pinned to their AVX2 versions
+# on every CPU. Without VNNI, oneDNN multiplies uint8 activations by int8 weights with vpmaddubsw,
+# whose 16-bit pair sums saturate for full-range activations; with VNNI (vpdpbusd) they do not.
+# The two kernel families gave different scores (max 0.07) on the same model, so results would
+# depend on the CPU. Pinned, an AVX-512/VNNI CPU runs the same kernels as an AVX2-only one and
+# the scores are the same (checked under QEMU's emulated AVX2 CPU). oneDNN reads this once, at
+# its first use in the process.
+ONEDNN_ISA = "AVX2"
+EXECUTORCH_BATCH = 100  # ExecuTorch programs are planned for one batch size; the runner pads to it
 
 
 def to_model_input(images: np.ndarray) -> np.ndarray:
@@ -96,33 +99,115 @@ def onnx_runner(path: Path) -> Predict:
     return lambda x: session.run(None, {name: x})[0].astype(np.float32)
 
 
-def torch_load(path: Path):
-    """Load a TorchScript archive written by torch_save (no ONNX file or onnx2torch needed)."""
-    import warnings
+def pin_onednn_isa() -> None:
+    import os
+
+    os.environ["ONEDNN_MAX_CPU_ISA"] = ONEDNN_ISA
+
+
+def exported_module(path: Path):
+    """A program saved with torch.export.save, as a callable module. Quantized programs need
+    torchao's quantize / dequantize operators registered first."""
+    import io
 
     import torch
+    import torchao.quantization.pt2e.quantize_pt2e  # noqa: F401  (registers quantized_decomposed ops)
 
-    torch.backends.quantized.engine = TORCH_ENGINE  # quantized weights are packed for it while loading
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still the
-            # one format that saves onnx2torch graphs and quantized FX models alike
-            model = torch.jit.load(str(_require(path)), map_location="cpu")
-    except RuntimeError as exc:
-        raise PipelineError(f"{path}: not a loadable TorchScript model ({str(exc).splitlines()[0]})") from None
-    return model.eval()
+    try:  # from bytes: torch.export.load wants a name ending in .pt2, and atomic_path's temporary has none
+        return torch.export.load(io.BytesIO(_require(path).read_bytes())).module()
+    except (RuntimeError, ValueError, KeyError, EOFError) as exc:
+        raise PipelineError(f"{path}: not a loadable torch.export program ({str(exc).splitlines()[0][:200]})") from None
+    except Exception as exc:  # zipfile.BadZipFile, pickle errors: torch.export raises many kinds
+        raise PipelineError(f"{path}: not a loadable torch.export program ({type(exc).__name__}: "
+                            f"{' '.join(str(exc).split())[:200]})") from None
 
 
 def torch_runner(path: Path) -> Predict:
+    """A float program (torch.export), run eagerly."""
     import torch
 
-    model = torch_load(path)
+    model = exported_module(path)
 
     def predict(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
+        with torch.no_grad():
             return model(torch.from_numpy(x)).numpy().astype(np.float32)
 
     return predict
+
+
+def x86_lowered(path: Path):
+    """A PT2E-quantized program lowered by torchao to oneDNN's x86 integer kernels, one lowering per
+    batch shape (the lowering re-exports with static shapes). Returns (predict, lower)."""
+    pin_onednn_isa()
+    import torch
+    from torchao.quantization.pt2e.lowering import lower_pt2e_quantized_to_x86
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401  (registers the oneDNN fusions)
+
+    model = exported_module(path)
+    lowered: dict[tuple, torch.fx.GraphModule] = {}
+
+    def lower(x: torch.Tensor) -> torch.fx.GraphModule:
+        if tuple(x.shape) not in lowered:
+            with torch.no_grad():
+                lowered[tuple(x.shape)] = lower_pt2e_quantized_to_x86(model, (x,))
+        return lowered[tuple(x.shape)]
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        batch = torch.from_numpy(x)
+        with torch.no_grad():
+            return lower(batch)(batch).numpy().astype(np.float32)
+
+    return predict, lower
+
+
+def torch_x86_runner(path: Path) -> Predict:
+    return x86_lowered(path)[0]
+
+
+def executorch_method(path: Path):
+    from executorch.runtime import Runtime
+
+    _require(path)
+    try:
+        return Runtime.get().load_program(str(path)).load_method("forward")
+    except (RuntimeError, ValueError) as exc:
+        raise PipelineError(f"{path}: not a loadable ExecuTorch program ({str(exc).splitlines()[0][:200]})") from None
+
+
+def executorch_runner(path: Path) -> Predict:
+    """An ExecuTorch program (.pte) through the ExecuTorch runtime, EXECUTORCH_BATCH images per call."""
+    import torch
+
+    method = executorch_method(path)
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        out = []
+        for start in range(0, len(x), EXECUTORCH_BATCH):
+            chunk = x[start:start + EXECUTORCH_BATCH]
+            padded = np.zeros((EXECUTORCH_BATCH, *x.shape[1:]), np.float32)
+            padded[:len(chunk)] = chunk
+            out.append(method.execute([torch.from_numpy(padded)])[0].numpy()[:len(chunk)])
+        return np.concatenate(out).astype(np.float32)
+
+    return predict
+
+
+TORCH_QUANTIZED_FILES = {"model.pt2": "torch_x86", "model.pte": "executorch"}
+
+
+def torch_quantized_model(directory: Path) -> tuple[str, Path]:
+    """A quantize_torch output directory -> (kind, model file): model.pt2 is a PT2E program for the
+    x86 lowering, model.pte an ExecuTorch program."""
+    found = [(kind, directory / name) for name, kind in TORCH_QUANTIZED_FILES.items() if (directory / name).is_file()]
+    if len(found) != 1:
+        raise PipelineError(f"{directory}: expected one quantized torch model "
+                            f"({' or '.join(TORCH_QUANTIZED_FILES)}), found {len(found)}")
+    return found[0]
+
+
+def torch_quantized_runner(path: Path) -> Predict:
+    kind, model = torch_quantized_model(path)
+    return RUNNERS[kind](model)
 
 
 def tflite_interpreter(path: Path):
@@ -172,6 +257,9 @@ RUNNERS: dict[str, Callable[[Path], Predict]] = {
     "tflite": tflite_runner,
     "onnx": onnx_runner,
     "torch": torch_runner,
+    "torch_x86": torch_x86_runner,
+    "executorch": executorch_runner,
+    "torch_quantized": torch_quantized_runner,
 }
 
 

@@ -1,26 +1,30 @@
-"""PyTorch models from ONNX (onnx2torch) and their persistence as TorchScript archives.
+"""PyTorch models from ONNX (onnx2torch), made exportable, and their persistence with torch.export.
 
-A pickled onnx2torch GraphModule is reported not to reload in a fresh process, so every torch
-model here is traced and saved with torch.jit: the archive loads with torch alone
-(runners.torch_load) and gives outputs identical to the module it was traced from.
+onnx2torch's graph cannot be exported as it comes: its Reshape module branches on data
+(`if torch.any(shape == 0)`), which torch.export refuses. `exportable` swaps it for a plain
+flatten that keeps the batch dimension (ResNet8's only Reshape: the pooled features before the
+Dense layer), and stores every parameter contiguously (onnx2torch keeps the Dense weight as a
+transposed view; torchao's x86 lowering packs such a weight as if it were contiguous and gives
+wrong scores, 0.17 top-1, without an error).
+
+Saved programs (`.pt2`) hold no path of this checkout and no memory address: the stack traces
+torch.export records in each node (file names in the virtualenv, used only in error messages)
+and each node's provenance are dropped, so the same model gives the same bytes, and dvc.lock the
+same hashes, in every clone and process.
 """
 from __future__ import annotations
 
-import hashlib
 import io
-import struct
 import warnings
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from .errors import PipelineError
 
-TRACE_BATCH = 4
-ALIGNMENT = 64  # torch.serialization aligns every record's data to 64 bytes
-SERIALIZATION_ID = ".data/serialization_id"
+MAX_BATCH = 100_000  # the exported programs take any batch size from 1 to this
 
 
 def from_onnx(path: Path) -> torch.fx.GraphModule:
@@ -38,45 +42,54 @@ def from_onnx(path: Path) -> torch.fx.GraphModule:
         return convert(graph).eval()
 
 
-def portable_archive(archive: bytes) -> bytes:
-    """The TorchScript archive without what ties it to this checkout, so the same model gives the
-    same bytes (and dvc.lock hashes) in every clone. torch.jit.save adds, next to each code file, a
-    .debug_pkl of source locations holding absolute paths into the virtualenv (used only in error
-    messages), and a serialization id that changes with them. Copy the records in order, same
-    compression, data kept 64-byte aligned as torch writes it, without the .debug_pkl records and
-    with the id hashed from what is kept."""
-    source = zipfile.ZipFile(io.BytesIO(archive))
-    records = [(info, source.read(info)) for info in source.infolist() if not info.filename.endswith(".debug_pkl")]
-    kept = hashlib.sha256(b"".join(info.filename.encode() + data for info, data in records
-                                   if not info.filename.endswith(SERIALIZATION_ID)))
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w") as target:
-        for info, data in records:
-            if info.filename.endswith(SERIALIZATION_ID):
-                data = str(int(kept.hexdigest()[:32], 16)).zfill(40)[-40:].encode()
-            record = zipfile.ZipInfo(info.filename, date_time=info.date_time)
-            record.compress_type, record.external_attr = info.compress_type, info.external_attr
-            data_offset = out.tell() + 30 + len(info.filename.encode()) + 4  # local header + pad header
-            padding = -data_offset % ALIGNMENT
-            record.extra = struct.pack("<HH", 0x4246, padding) + b"Z" * padding  # torch's own padding field
-            target.writestr(record, data)
-    return out.getvalue()
+def exportable(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The onnx2torch graph with each Reshape replaced by a batch-keeping flatten, parameters contiguous."""
+    for node in list(model.graph.nodes):
+        if node.op == "call_module" and type(model.get_submodule(node.target)).__name__ == "OnnxReshape":
+            model.add_submodule(node.target, nn.Flatten())
+            node.args = (node.args[0],)
+    model.graph.eliminate_dead_code()
+    model.delete_all_unused_submodules()
+    model.recompile()
+    for parameter in model.parameters():
+        parameter.data = parameter.data.contiguous()
+    return model
 
 
-def save_torchscript(model: torch.nn.Module, path: Path, example: np.ndarray) -> None:
-    """Trace `model` on `example` (float32 NHWC) and save; checked on another batch size."""
-    from .runners import torch_load
+def export(model: nn.Module, example: np.ndarray, dynamic_batch: bool = True) -> torch.export.ExportedProgram:
+    """torch.export of `model` on a float32 NHWC batch; the batch dimension stays dynamic."""
+    inputs = (torch.from_numpy(np.asarray(example, dtype=np.float32)),)
+    shapes = ({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},) if dynamic_batch else None
+    return torch.export.export(model, inputs, dynamic_shapes=shapes)
 
-    inputs = torch.from_numpy(np.asarray(example[:TRACE_BATCH], dtype=np.float32))
-    with warnings.catch_warnings(), torch.inference_mode():
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(model, inputs, check_trace=False)
-        buffer = io.BytesIO()  # not the file: its (temporary) name would go into the archive
-        torch.jit.save(traced, buffer)
-    path.write_bytes(portable_archive(buffer.getvalue()))
-    check = torch.from_numpy(np.asarray(example, dtype=np.float32))
-    with torch.inference_mode():
-        expected, reloaded = model(check), torch_load(path)(check)
+
+def _portable(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """Without the stack traces (paths of this checkout), the provenance of each node (`from_node`,
+    which records the id() of the graphs a pass went through: a memory address, different in every
+    process) and the example inputs (images)."""
+    for node in program.graph.nodes:
+        node.meta.pop("stack_trace", None)
+        node.meta.pop("from_node", None)
+    program.example_inputs = None
+    return program
+
+
+def used_attributes_only(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The graph module with only the attributes its graph reads: after PT2E's convert, the float
+    weights stay on the module beside their int8 copies, and torch.export would save both."""
+    return torch.fx.GraphModule(model, model.graph)
+
+
+def save_program(program: torch.export.ExportedProgram, path: Path, check: np.ndarray) -> None:
+    """Save with torch.export.save, then reload the file and require the same outputs on `check`."""
+    from .runners import exported_module
+
+    buffer = io.BytesIO()  # not the file: a failed save leaves nothing behind under its name
+    torch.export.save(_portable(program), buffer)
+    path.write_bytes(buffer.getvalue())
+    batch = torch.from_numpy(np.asarray(check, dtype=np.float32))
+    with torch.no_grad():
+        expected, reloaded = program.module()(batch), exported_module(path)(batch)
     if not torch.equal(expected, reloaded):
-        raise PipelineError(f"{path}: the saved TorchScript model does not reproduce the in-memory "
-                            f"model (max |diff| {float((expected - reloaded).abs().max()):.3g})")
+        raise PipelineError(f"{path}: the saved program does not reproduce the in-memory model "
+                            f"(max |diff| {float((expected - reloaded).abs().max()):.3g})")

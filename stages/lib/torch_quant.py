@@ -1,178 +1,199 @@
-"""PyTorch static PTQ on the onnx2torch graph: prepare -> calibrate -> convert (torch.ao FX).
+"""PyTorch static PTQ with PT2E (torchao): export -> prepare -> (ranges fixed) -> convert -> lower.
 
-uint8: quint8 activations, qint8 weights, converted to PyTorch's integer kernels (QNNPACK, ENGINE).
-int8:  qint8 activations, qint8 weights. No torch CPU kernel takes qint8 activations, so it is
-       converted to a reference model (quantize / dequantize around float ops) whose Conv and
-       Linear layers keep their weights as qint8 tensors and dequantize them when they run.
+uint8: torchao's X86InductorQuantizer (uint8 activations, the graph input on 7 bits, see
+       INPUT_QUANT_MAX; int8 per-channel symmetric weights).
+       Saved as a torch.export program of the quantized model; runners.torch_x86 lowers it to
+       oneDNN's integer kernels with torchao's x86 lowering.
+int8:  ExecuTorch's XNNPACKQuantizer (int8 activations, int8 per-channel symmetric weights),
+       lowered to an ExecuTorch program whose layers the XNNPACK delegate runs on integer kernels.
+
+Both start from the BatchNorm-folded graph with AdaRound's weights, and every activation
+observer holds the range of the tensor it observes from the activation_ranges stage (the ranges
+ONNX Runtime uses): no calibration pass runs in torch. Each call site gets its own observer, so a
+tensor that a quantizer would have tied to its input's scale (the average pool's output) gets
+its own range, as in ONNX Runtime.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from .adaround import GRIDS
-from .runners import TORCH_ENGINE as ENGINE
+from .errors import PipelineError
+from .runners import EXECUTORCH_BATCH, pin_onednn_isa
 
-ACTIVATION_DTYPES = {"uint8": torch.quint8, "int8": torch.qint8}
-
-
-def qconfig_mapping(dtype: str, per_channel: bool, reduce_range: bool):
-    from torch.ao.quantization import QConfig, QConfigMapping
-
-    # activation observers are placeholders: fix_activation_ranges gives each its calibrated range
-    activation = torch.ao.quantization.MinMaxObserver.with_args(
-        dtype=ACTIVATION_DTYPES[dtype], qscheme=torch.per_tensor_affine, reduce_range=reduce_range)
-    # the weight grid AdaRound rounds onto for this dtype (the one ONNX Runtime uses too)
-    grid = dict(quant_min=GRIDS[dtype].qmin, quant_max=GRIDS[dtype].qmax)
-    if per_channel:
-        weight = torch.ao.quantization.PerChannelMinMaxObserver.with_args(
-            dtype=torch.qint8, qscheme=torch.per_channel_symmetric, **grid)
-    else:
-        weight = torch.ao.quantization.MinMaxObserver.with_args(
-            dtype=torch.qint8, qscheme=torch.per_tensor_symmetric, **grid)
-    mapping = QConfigMapping().set_global(QConfig(activation=activation, weight=weight))
-    # Scores leave the network as float: an 8-bit softmax would turn close calls into ties. The
-    # average pool runs in float too: quantized, it keeps its input's scale (the last ReLU's, four
-    # times coarser than the pooled features need); in float, the features get their own range
-    # before the Linear layer (agreement with float on held-out images: 0.9864 -> 0.9906, uint8).
-    return (mapping.set_object_type(nn.Softmax, None).set_object_type(F.softmax, None)
-            .set_object_type(nn.AvgPool2d, None))
+QUANTIZER_NAMES = {"uint8": "X86InductorQuantizer", "int8": "XNNPACKQuantizer"}
+# uint8: the graph input (raw 0-255 pixels) takes 7 bits, 0..127. oneDNN's uint8 x int8 kernels
+# are pinned to AVX2 (runners.ONEDNN_ISA), whose 16-bit pair sums (vpmaddubsw) saturate when
+# full-range 8-bit pixels meet the first Conv's full-range weights: 0.7254 top-1 (test) with an
+# 8-bit input. With a 7-bit input: 0.9894 agreement with float on held-out training images; with
+# every activation 7 bits (torchao's reduce_range): 0.9878. So only the input is narrowed.
+INPUT_QUANT_MAX = {"uint8": 127}
 
 
-def backend_config(dtype: str):
-    """fbgemm's native config; for int8 every pattern also accepts qint8 activations (reference only)."""
-    from torch.ao.quantization.backend_config import BackendConfig, DTypeConfig, get_native_backend_config
-
-    native = get_native_backend_config()
+def quantizer(dtype: str, per_channel: bool):
+    """The PT2E quantizer of each dtype. Its weight grid is the one AdaRound rounds onto for
+    that dtype (X86: [-128, 127], scale max/127.5; XNNPACK: [-127, 127], scale max/127)."""
     if dtype == "uint8":
-        return native
-    qint8 = DTypeConfig(input_dtype=torch.qint8, output_dtype=torch.qint8,
-                        weight_dtype=torch.qint8, bias_dtype=torch.float)
-    config = BackendConfig("reference_qint8")
-    for pattern in native.configs:
-        config.set_backend_pattern_config(pattern.add_dtype_config(qint8))
-    return config
+        from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+            X86InductorQuantizer, get_default_x86_inductor_quantization_config)
+
+        if not per_channel:
+            raise PipelineError("quantize_torch.per_channel: false is not available for uint8 "
+                                "(X86InductorQuantizer quantizes weights per channel only)")
+        return X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer, get_symmetric_quantization_config)
+
+    return XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=per_channel))
 
 
-class QuantizedWeightConv2d(nn.Module):
-    """A reference Conv2d that stores its weight as a quantized tensor (int8 in the file)."""
-
-    def __init__(self, reference) -> None:
-        super().__init__()
-        self.register_buffer("qweight", reference.get_quantized_weight())
-        self.bias = reference.bias
-        self.stride, self.padding = reference.stride, reference.padding
-        self.dilation, self.groups = reference.dilation, reference.groups
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.qweight.dequantize(), self.bias, self.stride, self.padding,
-                        self.dilation, self.groups)
-
-
-class QuantizedWeightLinear(nn.Module):
-    """A reference Linear that stores its weight as a quantized tensor (int8 in the file)."""
-
-    def __init__(self, reference) -> None:
-        super().__init__()
-        self.register_buffer("qweight", reference.get_quantized_weight())
-        self.bias = reference.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.qweight.dequantize(), self.bias)
-
-
-def is_quantized_layer(module: nn.Module) -> bool:
-    """A converted Conv / Linear: fbgemm's integer modules, or our integer-weight reference ones
-    (alone or inside a fused ConvReLU / LinearReLU)."""
-    import torch.ao.nn.intrinsic.quantized as nniq
-    import torch.ao.nn.quantized as nnq
-
-    if isinstance(module, (nnq.Conv2d, nnq.Linear, nniq.ConvReLU2d, nniq.LinearReLU,
-                           QuantizedWeightConv2d, QuantizedWeightLinear)):
-        return True
-    return isinstance(module, nn.Sequential) and len(module) > 0 and isinstance(
-        module[0], (QuantizedWeightConv2d, QuantizedWeightLinear))
-
-
-def store_integer_weights(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    import torch.ao.nn.quantized.reference as ref
-
-    swaps = {ref.Conv2d: QuantizedWeightConv2d, ref.Linear: QuantizedWeightLinear}
-    for name, module in list(model.named_modules()):
-        replacement = swaps.get(type(module))
-        if replacement is not None:
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement(module))
-    model.recompile()
-    return model
-
-
-def observed_tensor(prepared: torch.fx.GraphModule, node: torch.fx.Node, onnx_graph) -> str:
-    """The ONNX tensor whose values the FX node `node` computes. onnx2torch names each module after
-    its ONNX node; FX keeps that name as the node's module path (nn_module_stack), splits a padded
-    Conv into `<node>.0` (the Pad) and `<node>.1`, and fuses Conv + ReLU into one module."""
+def observed_tensor(node: torch.fx.Node, onnx_graph) -> str:
+    """The ONNX tensor whose values the exported-graph node `node` computes. onnx2torch names each
+    module after its ONNX node, and torch.export keeps that name in the node's module stack; a
+    padded Conv is a Sequential of `<node>.0` (the Pad) and `<node>.1` (the Conv)."""
     if node.op == "placeholder":
         return onnx_graph.input[0].name
     nodes = {n.name: n for n in onnx_graph.node}
     stack = list(node.meta.get("nn_module_stack", {}).values())
-    path = node.target if node.op == "call_module" else (stack[-1][0] if stack else node.name)
-    onnx_node = nodes.get(path) or nodes.get(str(path).rsplit(".", 1)[0])
+    if not stack:
+        raise KeyError(f"exported node {node.name} has no module, so no ONNX node")
+    path = stack[-1][0]
+    onnx_node = nodes.get(path)
+    if onnx_node is None and path.rsplit(".", 1)[0] in nodes:
+        onnx_node = nodes[path.rsplit(".", 1)[0]]
+        if path.endswith(".0"):  # the Pad before a padded Conv: its input, plus zeros
+            return onnx_node.input[0]
     if onnx_node is None:
-        raise KeyError(f"FX node {node.name} ({path}) has no ONNX node")
-    if path not in nodes and str(path).endswith(".0"):  # the Pad before a padded Conv: its input, plus zeros
-        return onnx_node.input[0]
-    module = prepared.get_submodule(node.target) if node.op == "call_module" else None
-    output = onnx_node.output[0]
-    if isinstance(module, torch.ao.nn.intrinsic.ConvReLU2d):  # fused: the ReLU's output is observed
-        relu = [n for n in onnx_graph.node if output in n.input and n.op_type == "Relu"]
-        if len(relu) != 1:
-            raise KeyError(f"fused {node.target}: no single ONNX Relu after it")
-        output = relu[0].output[0]
-    return output
+        raise KeyError(f"exported node {node.name} ({path}) has no ONNX node")
+    return onnx_node.output[0]
 
 
-class FixedRangeObserver(torch.ao.quantization.MinMaxObserver):
-    """An observer that holds a given range and ignores the values it sees."""
+def _observer_class():
+    from torchao.quantization.pt2e.observer import MinMaxObserver
 
-    def __init__(self, low: float, high: float, **kwargs) -> None:
-        super().__init__(**kwargs)
-        super().forward(torch.tensor([low, high]))
+    class FixedRangeObserver(MinMaxObserver):
+        """An observer that holds a given range and ignores the values it sees."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
+        def __init__(self, low: float, high: float, **kwargs) -> None:
+            super().__init__(**kwargs)
+            super().forward(torch.tensor([low, high]))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    return FixedRangeObserver
 
 
-def fix_activation_ranges(prepared: torch.fx.GraphModule, onnx_graph, ranges: dict) -> int:
-    """Give every activation observer the calibrated range of the tensor it observes (an observer
-    fed exactly [low, high]); no calibration pass runs in torch."""
+def fix_activation_ranges(prepared: torch.fx.GraphModule, onnx_graph, ranges: dict,
+                          input_quant_max: int | None = None) -> int:
+    """Give every activation observer call its own observer holding the calibrated range of the
+    tensor it observes (weights keep theirs); the graph input's with `input_quant_max` when
+    given. Returns the number of activation observers set."""
+    from torchao.quantization.pt2e.observer import ObserverBase
+
+    fixed_range = _observer_class()
     fixed = 0
-    for node in prepared.graph.nodes:
+    pixels = {onnx_graph.input[0].name} | {n.output[0] for n in onnx_graph.node  # and its NHWC -> NCHW copy
+                                           if n.op_type == "Transpose" and n.input[0] == onnx_graph.input[0].name}
+    for node in list(prepared.graph.nodes):
         if node.op != "call_module":
             continue
         observer = prepared.get_submodule(node.target)
-        if not isinstance(observer, torch.ao.quantization.ObserverBase):
-            continue
-        tensor = observed_tensor(prepared, node.args[0], onnx_graph)
-        setattr(prepared, node.target, FixedRangeObserver(
+        if not isinstance(observer, ObserverBase) or node.args[0].op == "get_attr":
+            continue  # not an observer, or a weight's
+        if observer.qscheme not in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+            raise PipelineError(f"activation observer {node.target} is {observer.qscheme}, expected per tensor")
+        tensor = observed_tensor(node.args[0], onnx_graph)
+        if tensor not in ranges:
+            raise PipelineError(f"no calibrated range for ONNX tensor '{tensor}' (observer {node.target})")
+        qmax = observer.quant_max
+        if input_quant_max is not None and tensor in pixels:
+            qmax = input_quant_max
+        name = f"fixed_range_{fixed}"
+        prepared.add_submodule(name, fixed_range(
             ranges[tensor].low, ranges[tensor].high, dtype=observer.dtype, qscheme=observer.qscheme,
-            reduce_range=observer.reduce_range))
+            quant_min=observer.quant_min, quant_max=qmax, eps=float(observer.eps)))
+        node.target = name
         fixed += 1
+    prepared.delete_all_unused_submodules()
+    prepared.recompile()
     return fixed
 
 
-def quantize(float_model: torch.fx.GraphModule, onnx_graph, ranges: dict, dtype: str,
-             per_channel: bool, reduce_range: bool, example: np.ndarray) -> torch.nn.Module:
-    """prepare -> (ranges fixed from the calibration stage) -> convert. `onnx_graph` is the graph
-    the model was converted from; `example` a float32 NHWC batch for tracing."""
-    from torch.ao.quantization.quantize_fx import convert_fx, convert_to_reference_fx, prepare_fx
+def unfloor_weight_scales(prepared: torch.fx.GraphModule) -> int:
+    """Both quantizers floor every weight scale at eps = 2**-12. ResNet8's first Conv takes 0-255
+    pixels, so its weights are small (max |w| about 0.01, scale about 1e-4): floored, they would be
+    quantized on a grid up to 8 times coarser than AdaRound's (-83..87 instead of -128..127). The
+    weight observers get float32's eps instead, as torch.ao's observers have by default."""
+    from torchao.quantization.pt2e.observer import ObserverBase
 
-    torch.backends.quantized.engine = ENGINE
-    backend = backend_config(dtype)
-    prepared = prepare_fx(float_model.eval(), qconfig_mapping(dtype, per_channel, reduce_range),
-                          example_inputs=(torch.from_numpy(example),), backend_config=backend)
-    fix_activation_ranges(prepared, onnx_graph, ranges)
-    if dtype == "uint8":
-        return convert_fx(prepared, backend_config=backend)
-    return store_integer_weights(convert_to_reference_fx(prepared, backend_config=backend))
+    count = 0
+    for node in prepared.graph.nodes:
+        if node.op == "call_module" and node.args and getattr(node.args[0], "op", None) == "get_attr":
+            observer = prepared.get_submodule(node.target)
+            if isinstance(observer, ObserverBase) and hasattr(observer, "eps"):
+                observer.eps = torch.tensor([torch.finfo(torch.float32).eps])
+                count += 1
+    return count
+
+
+def quantize(float_model: torch.fx.GraphModule, onnx_graph, ranges: dict, dtype: str, per_channel: bool,
+             example: np.ndarray) -> tuple[torch.fx.GraphModule, int]:
+    """prepare -> (ranges fixed from the calibration stage) -> convert, on the exportable
+    onnx2torch graph `float_model` (torch_models.exportable) converted from `onnx_graph`.
+    Returns the quantized (quantize / dequantize) graph and the number of activation ranges set."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from .torch_models import export
+
+    pin_onednn_isa()
+    prepared = prepare_pt2e(export(float_model, example).module(), quantizer(dtype, per_channel))
+    fixed = fix_activation_ranges(prepared, onnx_graph, ranges, INPUT_QUANT_MAX.get(dtype))
+    unfloor_weight_scales(prepared)
+    with torch.no_grad():  # one pass for the weight observers; activation observers keep their ranges
+        prepared(torch.from_numpy(np.asarray(example, dtype=np.float32)))
+    return convert_pt2e(prepared), fixed
+
+
+def weights_on_grid(converted: torch.fx.GraphModule, float_model: torch.fx.GraphModule, dtype: str) -> int:
+    """Check that each per-channel integer weight of the quantized graph is the float (AdaRound)
+    weight divided by its scale: an integer of this dtype's grid, except the channel's largest
+    |w|, which AdaRound leaves where it is (it sets the scale) and the quantizer rounds. Returns how many."""
+    grid = GRIDS[dtype]
+    weights = [p.detach().double() for p in float_model.parameters() if p.dim() > 1]
+    found = 0
+    for node in converted.graph.nodes:
+        if node.target != torch.ops.quantized_decomposed.dequantize_per_channel.default:
+            continue
+        q, scales, zero_points = (getattr(converted, a.target) for a in node.args[:3])
+        name = node.args[0].target
+        if q.dtype != torch.int8 or bool(zero_points.any()):
+            raise PipelineError(f"quantized weight {name}: not a symmetric int8 weight")
+        shape = (-1,) + (1,) * (q.dim() - 1)
+
+        def on_grid(w: torch.Tensor) -> bool:
+            scaled = w / scales.double().view(shape)
+            inside = scaled.abs() < grid.scale_divisor - 1e-3
+            off = (scaled - q.double()).abs()  # the largest |w| lies half way: either neighbour
+            return bool((off[inside] < 1e-3).all()) and bool((off[~inside] <= 0.5 + 1e-3).all())
+
+        if not any(w.shape == q.shape and on_grid(w) for w in weights):
+            raise PipelineError(f"quantized weight {name}: not the AdaRound weight on the {dtype} grid "
+                                f"[{grid.qmin}, {grid.qmax}], scale max|w|/{grid.scale_divisor:g}")
+        found += 1
+    return found
+
+
+def to_executorch(converted: torch.fx.GraphModule, example: np.ndarray) -> bytes:
+    """The quantized graph as an ExecuTorch program, XNNPACK delegate, for EXECUTORCH_BATCH images."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    from .torch_models import export
+
+    batch = np.resize(np.asarray(example, np.float32), (EXECUTORCH_BATCH, *example.shape[1:]))
+    program = export(converted, batch, dynamic_batch=False)
+    for node in program.graph.nodes:
+        node.meta.pop("stack_trace", None)
+    return to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch().buffer
