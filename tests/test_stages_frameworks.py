@@ -185,6 +185,7 @@ def test_quantized_variant_is_really_quantized(tiny, variant):
     else:
         assert summary["int8_weights"] == 10
         assert summary["execution"]["float_layers"] == [] and summary["execution"]["label"] == "integer"
+        assert read(tiny, f"models/{variant}/info.json")["weights_on_adaround_grid"] == 10
     parent_file = tiny / FLOAT_MODEL[PARENT[backend]]
     assert model.stat().st_size <= (0.4 if backend == "ort" else 0.6) * parent_file.stat().st_size
     parent = json.loads(run_script("inspect_model", "onnx" if backend == "ort" else "torch",

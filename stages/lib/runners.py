@@ -109,17 +109,23 @@ def exported_module(path: Path):
     """A program saved with torch.export.save, as a callable module. Quantized programs need
     torchao's quantize / dequantize operators registered first."""
     import io
+    import logging
 
     import torch
     import torchao.quantization.pt2e.quantize_pt2e  # noqa: F401  (registers quantized_decomposed ops)
 
-    try:  # from bytes: torch.export.load wants a name ending in .pt2, and atomic_path's temporary has none
-        return torch.export.load(io.BytesIO(_require(path).read_bytes())).module()
+    data = _require(path).read_bytes()  # a buffer: torch.export.load wants a name ending in .pt2
+    quiet = logging.getLogger("torch.export")  # it logs a traceback for a damaged file before it raises
+    level, quiet.level = quiet.level, logging.ERROR  # our one-line error names the file instead
+    try:
+        return torch.export.load(io.BytesIO(data)).module()
     except (RuntimeError, ValueError, KeyError, EOFError) as exc:
         raise PipelineError(f"{path}: not a loadable torch.export program ({str(exc).splitlines()[0][:200]})") from None
     except Exception as exc:  # zipfile.BadZipFile, pickle errors: torch.export raises many kinds
         raise PipelineError(f"{path}: not a loadable torch.export program ({type(exc).__name__}: "
                             f"{' '.join(str(exc).split())[:200]})") from None
+    finally:
+        quiet.level = level
 
 
 def torch_runner(path: Path) -> Predict:

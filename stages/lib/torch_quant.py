@@ -157,12 +157,13 @@ def quantize(float_model: torch.fx.GraphModule, onnx_graph, ranges: dict, dtype:
 
 
 def weights_on_grid(converted: torch.fx.GraphModule, float_model: torch.fx.GraphModule, dtype: str) -> int:
-    """Check that each per-channel integer weight of the quantized graph is the float (AdaRound)
-    weight divided by its scale: an integer of this dtype's grid, except the channel's largest
-    |w|, which AdaRound leaves where it is (it sets the scale) and the quantizer rounds. Returns how many."""
+    """Check that each per-channel int8 weight of the quantized graph is a nearest integer of the
+    float weight divided by its scale (the quantizer stored the weights given, nothing else), and
+    count the layers whose float weights already lay on this dtype's grid, as AdaRound leaves them
+    (all but the channel's largest |w|, which sets the scale and lies half way)."""
     grid = GRIDS[dtype]
     weights = [p.detach().double() for p in float_model.parameters() if p.dim() > 1]
-    found = 0
+    on_grid = 0
     for node in converted.graph.nodes:
         if node.target != torch.ops.quantized_decomposed.dequantize_per_channel.default:
             continue
@@ -171,18 +172,13 @@ def weights_on_grid(converted: torch.fx.GraphModule, float_model: torch.fx.Graph
         if q.dtype != torch.int8 or bool(zero_points.any()):
             raise PipelineError(f"quantized weight {name}: not a symmetric int8 weight")
         shape = (-1,) + (1,) * (q.dim() - 1)
-
-        def on_grid(w: torch.Tensor) -> bool:
-            scaled = w / scales.double().view(shape)
-            inside = scaled.abs() < grid.scale_divisor - 1e-3
-            off = (scaled - q.double()).abs()  # the largest |w| lies half way: either neighbour
-            return bool((off[inside] < 1e-3).all()) and bool((off[~inside] <= 0.5 + 1e-3).all())
-
-        if not any(w.shape == q.shape and on_grid(w) for w in weights):
-            raise PipelineError(f"quantized weight {name}: not the AdaRound weight on the {dtype} grid "
-                                f"[{grid.qmin}, {grid.qmax}], scale max|w|/{grid.scale_divisor:g}")
-        found += 1
-    return found
+        offsets = [(w / scales.double().view(shape) - q.double()).abs() for w in weights if w.shape == q.shape]
+        nearest = [off for off in offsets if bool((off <= 0.5 + 1e-3).all())]
+        if not nearest:
+            raise PipelineError(f"quantized weight {name}: not the float weight rounded onto its "
+                                f"{dtype} grid [{grid.qmin}, {grid.qmax}]")
+        on_grid += any(bool((off[off < 0.5 - 1e-3] < 1e-3).all()) for off in nearest)
+    return on_grid
 
 
 def to_executorch(converted: torch.fx.GraphModule, example: np.ndarray) -> bytes:
