@@ -24,7 +24,7 @@ from .lib.errors import run_main
 from .lib.files import atomic_path, write_json
 from .lib.quant_checks import require_integer_execution
 from .lib.runners import EXECUTORCH_BATCH, ONEDNN_ISA
-from .lib.torch_models import exportable, from_onnx, save_program
+from .lib.torch_models import export, exportable, from_onnx, save_program, used_attributes_only
 from .lib.torch_quant import QUANTIZER_NAMES, quantize, to_executorch, weights_on_grid
 
 WEIGHTED_LAYERS = 10  # ResNet8: 9 Conv + 1 Dense
@@ -58,8 +58,6 @@ def main() -> None:
     with atomic_path(args.out, directory=True) as tmp:
         model = tmp / MODEL_FILE[args.dtype]
         if args.dtype == "uint8":
-            from .lib.torch_models import export, used_attributes_only
-
             save_program(export(used_attributes_only(converted), test.images[:8]), model, test.images[:16])
         else:
             model.write_bytes(to_executorch(converted, test.images))
