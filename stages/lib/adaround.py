@@ -8,6 +8,13 @@ returns, per Conv / Gemm initializer, weights that already lie on the integer gr
 weight format. A quantizer that
 uses the same grid (per-channel symmetric, scale = max|w| / grid_max) maps them exactly onto the
 chosen integers, so the result feeds ONNX Runtime and PyTorch alike.
+
+`adaround_many` rounds for several calibration draws (seeds) at once: each layer's optimisation is
+one problem for all draws (a leading draw dimension on the rounding variable; the loss the sum of
+the draws' losses), and gives each draw, bit for bit, what `adaround` gives it alone. `adaround`
+is `adaround_many` for one draw. Its cost is the float64 arithmetic (the convs' gemms), little
+else: activations are captured in one pass per model rather than one per layer, and the convs
+run as ATen's CPU float64 conv does, without the page faults of its large temporaries.
 """
 from __future__ import annotations
 
@@ -43,74 +50,337 @@ def _soft(v: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
 
-def _layer_output(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _layer_output(module: nn.Module, x: torch.Tensor, weight: torch.Tensor,
+                  bias: torch.Tensor | None) -> torch.Tensor:
     if isinstance(module, nn.Conv2d):
-        return F.conv2d(x, weight, module.bias, module.stride, module.padding, module.dilation, module.groups)
-    return F.linear(x, weight, module.bias)
+        return F.conv2d(x, weight, bias, module.stride, module.padding, module.dilation, module.groups)
+    return F.linear(x, weight, bias)
 
 
-def round_layer(module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, grid: Grid,
-                iterations: int, batch: int, seed: int) -> torch.Tensor:
-    """Optimise the rounding of one layer; returns the float weights on the chosen grid points."""
+class _Autograd:
+    """One draw's mini-batch gradient of a layer's reconstruction loss (mean squared error to the
+    float outputs) with respect to its weight, by autograd through F.conv2d / F.linear."""
+
+    def __init__(self, module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch: int):
+        self.module, self.inputs, self.targets = module, inputs, targets
+        self.bias = None if module.bias is None else module.bias.detach()
+
+    def gradient(self, pick: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        weight = weight.detach().requires_grad_()
+        out = _layer_output(self.module, self.inputs[pick], weight, self.bias)
+        return torch.autograd.grad(F.mse_loss(out, self.targets[pick]), weight)[0]
+
+
+def _channels_last_conv(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `module` applied to `x` is a conv `_Columns` computes as ATen does: one group, no
+    dilation, zero padding, a channels-last float64 input (all of ResNet8's convs in onnx2torch's
+    graph, fed NHWC images), which ATen's CPU float64 conv (slow_conv2d) takes its channels-last
+    path for."""
+    return (isinstance(module, nn.Conv2d) and module.groups == 1 and tuple(module.dilation) == (1, 1)
+            and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+            and x.dtype == torch.float64 and x.dim() == 4
+            and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+
+
+class _Columns:
+    """Conv2d as ATen's channels-last slow_conv2d computes it, without its cost. slow_conv2d
+    builds the "columns" of a whole batch (each output position's input patch, in (kh, kw, c)
+    order: tens of MB here) then, image by image, output = bias + columns @ weight_2d^T, and for
+    the weight gradient builds them again and accumulates columns^T @ grad_output image after
+    image. Such fresh buffers are mapped anew by the allocator at every call, and the page faults
+    cost more than the arithmetic. Here the columns of a few images at a time go into buffers kept
+    from call to call (and stay in cache for the gemms that use them), and one gemm serves those
+    images. Each output is still the same dot product, and MKL gives the same bits whether one
+    image or several share a gemm (checked for every ResNet8 conv, with 1 and 2 threads);
+    GROUP_BYTES = 0 makes it one image per gemm, exactly slow_conv2d's calls."""
+
+    GROUP_BYTES = 4 << 20  # columns per gemm: enough to amortise the calls, little enough for cache
+
+    def __init__(self, module: nn.Conv2d, height: int, width: int, most: int):
+        self.o, self.c, self.kh, self.kw = module.weight.shape
+        self.sh, self.sw = module.stride
+        self.ph, self.pw = module.padding
+        self.hp, self.wp = height + 2 * self.ph, width + 2 * self.pw
+        self.ho, self.wo = (self.hp - self.kh) // self.sh + 1, (self.wp - self.kw) // self.sw + 1
+        self.positions, self.size = self.ho * self.wo, self.kh * self.kw * self.c
+        self.group = max(1, min(most, self.GROUP_BYTES // (self.positions * self.size * 8)))
+        dtype = module.weight.dtype
+        self.padded = torch.zeros(self.group, self.hp, self.wp, self.c, dtype=dtype)  # borders stay 0
+        self.interior = self.padded[:, self.ph:self.ph + height, self.pw:self.pw + width]
+        self.columns = torch.empty(self.group * self.positions, self.size, dtype=dtype)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """[count * positions, kh * kw * c] columns of `images` (NHWC, count <= group)."""
+        count = len(images)
+        if self.ph or self.pw or not images.is_contiguous():
+            self.interior[:count].copy_(images)
+            images = self.padded
+        row, pixel = self.wp * self.c, self.c
+        patches = images.as_strided((count, self.ho, self.wo, self.kh, self.kw, self.c),
+                                    (self.hp * row, self.sh * row, self.sw * pixel, row, pixel, 1))
+        columns = self.columns[:count * self.positions]
+        columns.view(count, self.ho, self.wo, self.kh, self.kw, self.c).copy_(patches)
+        return columns
+
+    def weight_2d(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.permute(0, 2, 3, 1).reshape(self.o, self.size)
+
+    @staticmethod
+    def output(columns: torch.Tensor, weight_2d: torch.Tensor, bias: torch.Tensor | None,
+               out: torch.Tensor) -> torch.Tensor:
+        if bias is None:
+            return torch.mm(columns, weight_2d.t(), out=out)
+        return torch.addmm(bias, columns, weight_2d.t(), out=out)
+
+
+def _fast_convs(model: nn.Module) -> None:
+    """Have `model`'s Conv2d compute, where `_channels_last_conv` holds, with `_Columns` (the
+    same numbers as F.conv2d): for the copies `adaround_many` captures activations from."""
+    for module in model.modules():
+        if not isinstance(module, nn.Conv2d):
+            continue
+        columns = {}
+
+        def forward(x, module=module, columns=columns):
+            if not _channels_last_conv(module, x):
+                return type(module).forward(module, x)
+            n, _, height, width = x.shape
+            key = (height, width)
+            if key not in columns:
+                columns[key] = _Columns(module, height, width, n)
+            im2col = columns[key]
+            weight_2d = im2col.weight_2d(module.weight.detach())
+            bias = None if module.bias is None else module.bias.detach()
+            nhwc = x.permute(0, 2, 3, 1)
+            out = x.new_empty(n, im2col.ho, im2col.wo, im2col.o)
+            for start in range(0, n, im2col.group):
+                part = nhwc[start:start + im2col.group]
+                im2col.output(im2col(part), weight_2d, bias, out[start:start + len(part)].view(-1, im2col.o))
+            return out.permute(0, 3, 1, 2)
+
+        module.forward = forward
+
+
+class _ChannelsLastConv:
+    """`_Autograd`'s gradient, same numbers, for a conv where `_channels_last_conv` holds: per
+    group of images, columns, output = bias + columns @ weight_2d^T (`_Columns`), mse_loss's
+    gradient 2 / n * (output - target), and the weight gradient accumulated as slow_conv2d does."""
+
+    applies = staticmethod(_channels_last_conv)
+
+    def __init__(self, module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch: int):
+        self.bias = None if module.bias is None else module.bias.detach()
+        self.inputs = inputs.permute(0, 2, 3, 1)  # NHWC, contiguous
+        self.targets = targets.permute(0, 2, 3, 1).contiguous()  # a view when channels-last, as here
+        _, height, width, channels = self.inputs.shape
+        self.im2col = _Columns(module, height, width, batch)
+        group = self.im2col.group
+        self.picked = inputs.new_empty(group, height, width, channels)
+        self.outputs = inputs.new_empty(group * self.im2col.positions, self.im2col.o)
+        self.wanted = inputs.new_empty(group, *self.targets.shape[1:])
+
+    def gradient(self, pick: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        im2col = self.im2col
+        weight_2d = im2col.weight_2d(weight)
+        norm = 2. / (len(pick) * im2col.positions * im2col.o)  # mse_loss: mean over the batch's outputs
+        grad = weight.new_zeros(im2col.o, im2col.size)
+        for start in range(0, len(pick), im2col.group):
+            part = pick[start:start + im2col.group]
+            picked, wanted = self.picked[:len(part)], self.wanted[:len(part)]
+            columns = im2col(torch.index_select(self.inputs, 0, part, out=picked))
+            outputs = im2col.output(columns, weight_2d, self.bias, self.outputs[:len(columns)])
+            torch.index_select(self.targets, 0, part, out=wanted)
+            outputs.sub_(wanted.view(len(columns), im2col.o)).mul_(norm)  # d mse / d output
+            grad.addmm_(outputs.t(), columns)
+        return grad.view(im2col.o, im2col.kh, im2col.kw, im2col.c).permute(0, 3, 1, 2)
+
+
+def _stacked(t: torch.Tensor, count: int) -> torch.Tensor:
+    """`count` copies of `t` along a new leading dimension, each laid out in memory like `t`
+    (onnx2torch's Dense weight is a transposed view: its copies stay transposed, so that each
+    draw's layer computes exactly as it would alone)."""
+    order = sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))  # outermost dimension first
+    stacked = t.permute(order).contiguous().unsqueeze(0).repeat(count, *([1] * t.dim()))
+    return stacked.permute(0, *(order.index(d) + 1 for d in range(t.dim())))
+
+
+def round_layers(module: nn.Module, inputs: list[torch.Tensor], targets: list[torch.Tensor], grid: Grid,
+                 iterations: int, batch: int, seeds: list[int]) -> torch.Tensor:
+    """Optimise the rounding of one layer for several calibration draws at once; returns the float
+    weights on the chosen grid points, [draws, *weight.shape].
+
+    Draw d learns to map inputs[d] to targets[d] on mini-batches drawn by a generator seeded with
+    seeds[d]. Scale, floor and the fixed weights depend on the float weight only and are shared;
+    the rounding variable has a leading draw dimension and one Adam optimises it. The loss is the
+    sum of the draws' losses (mean squared error + rounding regulariser), so each draw's
+    gradient, and Adam's elementwise step, are exactly those of the draw optimised alone."""
     weight = module.weight.detach()
     scale = channel_scale(weight, grid)
     scaled = weight / scale
     floor = torch.floor(scaled)
     rest = (scaled - floor).clamp(1e-4, 1 - 1e-4)
-    v = nn.Parameter(torch.log((rest - GAMMA) / (ZETA - rest)))  # _soft(v) == rest at the start
+    # _soft(v) == rest at the start
+    v = nn.Parameter(_stacked(torch.log((rest - GAMMA) / (ZETA - rest)), len(seeds)))
     # weights at the channel's max |w| define the scale: keep them exactly where they are
     fixed = (scaled.abs() >= grid.scale_divisor - 1e-4)
     # the others stay inside +-max|w|, or the quantizer would derive another scale
     low, high = max(grid.qmin, -int(grid.scale_divisor)), min(grid.qmax, int(grid.scale_divisor))
     optimizer = torch.optim.Adam([v], lr=1e-2)
-    generator = torch.Generator().manual_seed(seed)
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    draws = [(_ChannelsLastConv if _ChannelsLastConv.applies(module, x) else _Autograd)(module, x, y, batch)
+             for x, y in zip(inputs, targets)]
     for step in range(iterations):
         beta = 20 - (20 - 2) * max(0.0, (step / iterations - 0.2) / 0.8)
-        pick = torch.randint(0, len(inputs), (batch,), generator=generator)
+        picks = [torch.randint(0, len(x), (batch,), generator=g) for x, g in zip(inputs, generators)]
         soft = torch.where(fixed, weight, torch.clamp(floor + _soft(v), low, high) * scale)
-        out = _layer_output(module, inputs[pick], soft)
-        reconstruction = F.mse_loss(out, targets[pick])
-        regulariser = (1 - (2 * _soft(v) - 1).abs().pow(beta)).sum() if step >= 0.2 * iterations else 0.0
-        loss = reconstruction + 0.01 * regulariser / weight.numel() * 100
+        # d(reconstruction loss) / d(soft weights), draw by draw, then on through autograd
+        grads = torch.stack([draw.gradient(pick, w) for draw, pick, w in zip(draws, picks, soft.detach().unbind(0))])
+        outputs, output_grads = [soft], [grads]
+        if step >= 0.2 * iterations:
+            # _soft(v) computed again, not reused: v's gradient then sums its two paths exactly
+            # as the single-draw implementation did (reusing it changes the last bits)
+            regulariser = (1 - (2 * _soft(v) - 1).abs().pow(beta)).sum()
+            outputs.append(0.01 * regulariser / weight.numel() * 100)
+            output_grads.append(None)
         optimizer.zero_grad()
-        loss.backward()
+        torch.autograd.backward(outputs, output_grads)
         optimizer.step()
     with torch.no_grad():
         hard = torch.clamp(floor + (_soft(v) >= 0.5).to(floor.dtype), low, high) * scale
         return torch.where(fixed, weight, hard)
 
 
+def round_layer(module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, grid: Grid,
+                iterations: int, batch: int, seed: int) -> torch.Tensor:
+    """Optimise the rounding of one layer; returns the float weights on the chosen grid points."""
+    return round_layers(module, [inputs], [targets], grid, iterations, batch, [seed])[0]
+
+
 class _Enough(Exception):
-    """Raised by a capture hook once the last wanted layer has run: the rest of the model is skipped."""
+    """Raised by a capture hook once the wanted layer has run: the rest of the model is skipped."""
 
 
-def _capture(model: nn.Module, modules: list[nn.Module], images: torch.Tensor, perturb=None,
-             batch: int = 250) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each module's (inputs, outputs) on `images`, in one pass that stops after the last of
-    them has run (modules in graph order); each tensor passed through `perturb` when given."""
-    seen = [([], []) for _ in modules]
-    change = (lambda t: t) if perturb is None else (lambda t: torch.from_numpy(perturb(t.numpy())))
+def _attribute(root, target: str):
+    for atom in target.split("."):
+        root = getattr(root, atom)
+    return root
 
-    def hook_for(index: int):
-        def hook(_module, args, output) -> None:
-            seen[index][0].append(change(args[0].detach()))
-            seen[index][1].append(change(output.detach()))
-            if index == len(modules) - 1:
+
+def _graph_steps(model: nn.Module, names: list[str]):
+    """(steps, last_use, at): the nodes of an fx GraphModule as callables step(values, images),
+    for each node the index of its last user, and {layer name: index of the node that calls it}.
+    Anything else (a graph whose layers do not run in `names` order, each in a node of its own)
+    is one step, the whole model, run again for every capture."""
+    whole = ([lambda values, images: model(images)], [0], {name: 0 for name in names})
+    if not isinstance(model, torch.fx.GraphModule):
+        return whole
+    nodes = list(model.graph.nodes)
+    index = {node: i for i, node in enumerate(nodes)}
+    at = {}
+    for name in names:
+        callers = [i for i, node in enumerate(nodes) if node.op == "call_module"
+                   and (name == node.target or name.startswith(f"{node.target}."))]
+        if len(callers) != 1:
+            return whole
+        at[name] = callers[0]
+    positions = [at[name] for name in names]
+    if (any(a >= b for a, b in zip(positions, positions[1:]))
+            or sum(node.op == "placeholder" for node in nodes) != 1):
+        return whole
+
+    def step(node):
+        def load(values, arguments):
+            return torch.fx.node.map_arg(arguments, lambda n: values[index[n]])
+        if node.op == "placeholder":
+            return lambda values, images: images
+        if node.op == "get_attr":
+            return lambda values, images: _attribute(model, node.target)
+        if node.op == "call_module":
+            module = _attribute(model, node.target)
+            return lambda values, images: module(*load(values, node.args), **load(values, node.kwargs))
+        if node.op == "call_function":
+            return lambda values, images: node.target(*load(values, node.args), **load(values, node.kwargs))
+        if node.op == "call_method":
+            def method(values, images):
+                self, *args = load(values, node.args)
+                return getattr(self, node.target)(*args, **load(values, node.kwargs))
+            return method
+        return lambda values, images: load(values, node.args)[0]  # output
+
+    last_use = [max((index[user] for user in node.users), default=i) for i, node in enumerate(nodes)]
+    return [step(node) for node in nodes], last_use, at
+
+
+class _Stream:
+    """A model run over fixed chunks of images node by node, keeping only the values that later
+    nodes still need: each layer's input (or output) is captured by running only the graph
+    between the previous layer and this one (the original re-ran the model from the start for
+    every layer). Node for node the same operations on the same images, hence the same values.
+    Chunks of 16 images: every op computes each image alone (the convs too, see `_Columns`), so
+    the chunk size changes no number (the original used 250), and small chunks keep temporaries
+    small enough to be reused rather than mapped afresh (page faults) at every op."""
+
+    def __init__(self, model: nn.Module, images: torch.Tensor, names: list[str], chunk: int = 16):
+        self.modules = dict(model.named_modules())
+        self.count = len(images)
+        self.chunks = [images[start:start + chunk] for start in range(0, len(images), chunk)]
+        self.steps, self.last_use, self.at = _graph_steps(model, names)
+        self.dies_at = [[] for _ in self.steps]  # the values whose last user is that node
+        for i, last in enumerate(self.last_use):
+            self.dies_at[last].append(i)
+        self.values = [{} for _ in self.chunks]
+        self.position = 0  # the nodes before it hold valid values
+
+    def capture(self, name: str, outputs: bool, change=None) -> torch.Tensor:
+        """Layer `name`'s outputs (else its inputs, after any input pre-hook) on all images,
+        each passed through `change` when given. Once the weights of layer `name` change,
+        capture nothing before the next layer's."""
+        target = self.at[name]
+        start = min(self.position, target)
+        stop = not outputs or len(self.steps) == 1  # skip the layer itself / the rest of the model
+        following = target if stop else target + 1  # the next capture starts there at the earliest
+        result, filled = None, 0
+
+        def keep(tensor):
+            nonlocal result, filled
+            changed = tensor.detach() if change is None else change(tensor.detach())
+            if result is None:  # laid out as torch.cat of the chunks would be
+                channels_last = (changed.dim() == 4 and not changed.is_contiguous()
+                                 and changed.is_contiguous(memory_format=torch.channels_last))
+                result = torch.empty((self.count, *changed.shape[1:]), dtype=changed.dtype,
+                                     memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            if filled + len(changed) > self.count:
+                raise RuntimeError(f"adaround: layer {name} runs more than once per forward pass")
+            part = result[filled:filled + len(changed)]
+            part.copy_(changed)
+            filled += len(changed)
+            if stop:
                 raise _Enough
-        return hook
+            # the model goes on with the captured copy (same numbers) rather than keep a second one
+            return part if change is None else None
 
-    handles = [module.register_forward_hook(hook_for(i)) for i, module in enumerate(modules)]
-    try:
-        with torch.no_grad():
-            for start in range(0, len(images), batch):
-                try:
-                    model(images[start:start + batch])
-                except _Enough:
-                    pass
-    finally:
-        for handle in handles:
+        module = self.modules[name]
+        handle = (module.register_forward_hook(lambda _m, _args, output: keep(output)) if outputs
+                  else module.register_forward_pre_hook(lambda _m, args: keep(args[0])))
+        try:
+            with torch.no_grad():
+                for chunk, values in zip(self.chunks, self.values):
+                    for i in [i for i in values if i >= start or self.last_use[i] < start]:
+                        del values[i]
+                    try:
+                        for i in range(start, target + 1):
+                            values[i] = self.steps[i](values, chunk)
+                            if i < following:
+                                for dead in self.dies_at[i]:
+                                    values.pop(dead, None)
+                    except _Enough:
+                        pass
+        finally:
             handle.remove()
-    return [(torch.cat(inputs), torch.cat(outputs)) for inputs, outputs in seen]
+        if filled != self.count:
+            raise RuntimeError(f"adaround: layer {name} did not run on every image")
+        self.position = following
+        return result
 
 
 def fake_quantize(x: torch.Tensor, low: float, high: float, levels: int = 256) -> torch.Tensor:
@@ -119,40 +389,82 @@ def fake_quantize(x: torch.Tensor, low: float, high: float, levels: int = 256) -
     return (torch.clamp(torch.round(x / scale) + zero, 0, levels - 1) - zero) * scale
 
 
+def adaround_many(model: nn.Module, images_per_seed: list[np.ndarray], grid: Grid, iterations: int = 1000,
+                  batch: int = 32, seeds: list[int] | None = None,
+                  input_ranges_per_seed: list[dict | None] | None = None,
+                  perturb=None) -> list[tuple[dict[str, torch.Tensor], dict]]:
+    """AdaRound for several calibration draws at once: draw d rounds the model on
+    images_per_seed[d] with seed seeds[d] and input ranges input_ranges_per_seed[d] (None: no
+    input fake-quantization; the whole argument None: none for any draw). Returns, per draw,
+    ({module name: rounded float64 weight}, {module name: stats}), each exactly what `adaround`
+    gives for that draw alone. `model` is not modified (the work happens on float64 copies).
+
+    Every Conv2d and Linear is rounded layer by layer, in graph order, in float64. Each layer
+    learns to reproduce the float model's outputs from the inputs it will see once quantized:
+    computed with the layers before it already rounded (with this draw's weights) and, with
+    input ranges ({module name: (low, high)}), with every layer's input after the first
+    fake-quantized to 8 bits over that range. The layer's optimisation runs once for all draws
+    (`round_layers`). `perturb` (tests) is applied to every captured activation the rounding
+    learns from (the float model's layer outputs, the quantized model's layer inputs)."""
+    import copy
+
+    if seeds is None or len(seeds) != len(images_per_seed):
+        raise ValueError("adaround_many needs one seed per image set")
+    draws = len(seeds)
+    all_ranges = [None] * draws if input_ranges_per_seed is None else list(input_ranges_per_seed)
+    if len(all_ranges) != draws:
+        raise ValueError("adaround_many needs one input_ranges (or None) per image set")
+    change = None if perturb is None else (lambda t: torch.from_numpy(perturb(t.numpy())))
+
+    float_model = copy.deepcopy(model).double().eval()
+    names = [name for name, m in float_model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    float_layers = dict(float_model.named_modules())
+    models = [copy.deepcopy(float_model) for _ in range(draws)]
+    for m in (float_model, *models):
+        _fast_convs(m)
+    layers = [dict(m.named_modules()) for m in models]
+    images = [torch.from_numpy(np.asarray(x, dtype=np.float64)) for x in images_per_seed]
+    float_streams = [_Stream(float_model, x, names) for x in images]
+    streams = [_Stream(m, x, names) for m, x in zip(models, images)]
+    results = [({}, {}) for _ in range(draws)]
+    for index, name in enumerate(names):
+        targets = [stream.capture(name, True, change) for stream in float_streams]
+        inputs = []
+        for stream, modules, ranges in zip(streams, layers, all_ranges):
+            if ranges is not None and index > 0:  # the first input is exact 8-bit pixels
+                low, high = ranges[name]
+                modules[name].register_forward_pre_hook(
+                    lambda _m, args, low=low, high=high: (fake_quantize(args[0], low, high),))
+            inputs.append(stream.capture(name, False, change))
+        module = float_layers[name]
+        rounded = round_layers(module, inputs, targets, grid, iterations, batch, [seed + index for seed in seeds])
+        del inputs, targets
+        weight = module.weight.detach()
+        scale = channel_scale(weight, grid)
+        nearest = torch.round(weight / scale)
+        for (weights, stats), modules, new in zip(results, layers, rounded.unbind(0)):
+            new = new.clone()
+            with torch.no_grad():
+                modules[name].weight.copy_(new)
+            weights[name] = new
+            stats[name] = {"weights": int(new.numel()),
+                           "rounded_away_from_nearest": int((torch.round(new / scale) != nearest).sum())}
+    return results
+
+
 def adaround(model: nn.Module, images: np.ndarray, grid: Grid, iterations: int = 1000,
              batch: int = 32, seed: int = 0, input_ranges: dict | None = None,
              perturb=None) -> dict:
-    """Round every Conv2d and Linear of `model` layer by layer, in graph order, in float64. Each
-    layer learns to reproduce the float model's outputs from the inputs it will see once
-    quantized: computed with the layers before it already rounded and, with `input_ranges`
-    ({module name: (low, high)}), with every layer's input fake-quantized to 8 bits over that
-    range. `perturb` (tests) is applied to every captured float activation. Returns
-    {module name: stats}; `model` is left in float64 with the new weights."""
-    import copy
-
+    """`adaround_many` for one draw, written into `model`: returns {module name: stats}; `model`
+    is left in float64 (eval mode) with the new weights."""
     model = model.double().eval()
-    x = torch.from_numpy(np.asarray(images, dtype=np.float64))
-    float_model = copy.deepcopy(model)
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    float_layers = dict(float_model.named_modules())
-    hooks, result = [], {}
-    float_outputs = _capture(float_model, [float_layers[name] for name, _ in layers], x, perturb)
-    for index, (name, module) in enumerate(layers):
-        targets = float_outputs[index][1]
-        if input_ranges is not None and index > 0:  # the first input is exact 8-bit pixels
-            low, high = input_ranges[name]
-            hooks.append(module.register_forward_pre_hook(
-                lambda _m, args, low=low, high=high: (fake_quantize(args[0], low, high),)))
-        [(inputs, _)] = _capture(model, [module], x, perturb)
-        weight = round_layer(module, inputs, targets, grid, iterations, batch, seed + index)
-        scale = channel_scale(module.weight.detach(), grid)
-        flipped = int((torch.round(weight / scale) != torch.round(module.weight.detach() / scale)).sum())
-        with torch.no_grad():
-            module.weight.copy_(weight)
-        result[name] = {"weights": int(weight.numel()), "rounded_away_from_nearest": flipped}
-    for hook in hooks:
-        hook.remove()
-    return result
+    [(weights, stats)] = adaround_many(model, [images], grid, iterations, batch, [seed], [input_ranges],
+                                       perturb)
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, weight in weights.items():
+            modules[name].weight.copy_(weight)
+    return stats
 
 
 def onnx_node_of(nodes: dict, module_name: str):
