@@ -39,8 +39,9 @@ def _imported(root: Path, file: Path) -> set[str]:
 
 
 def closure(root: Path, module: str) -> list[str]:
-    """Paths (relative to `root`, posix) of `module` and every project module it imports,
-    leaving out the packages' empty __init__ files."""
+    """Paths (relative to `root`, posix) of `module` and every project module it imports, and the
+    packages around them (Python runs a package's __init__ before any module in it), leaving out
+    the packages' empty __init__ files."""
     seen: set[str] = set()
     todo = [module]
     while todo:
@@ -49,6 +50,7 @@ def closure(root: Path, module: str) -> list[str]:
             continue
         seen.add(name)
         todo.extend(_imported(root, _module_file(root, name)))
+        todo.extend(".".join(name.split(".")[:depth]) for depth in range(1, name.count(".") + 1))
     files = {_module_file(root, name) for name in seen}
     return sorted(f.relative_to(root).as_posix() for f in files if not _only_docstring(f))
 

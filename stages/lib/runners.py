@@ -11,6 +11,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from . import threads
 from .errors import PipelineError
 
 Predict = Callable[[np.ndarray], np.ndarray]
@@ -77,6 +78,8 @@ def onnx_session_options(optimized_model: Path | None = None):
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.intra_op_num_threads = threads.budget()  # the stage's share of the CPUs (lib/threads.py)
+    options.inter_op_num_threads = 1
     options.add_session_config_entry("session.qdqisint8allowed", "1")
     if optimized_model is not None:
         options.optimized_model_filepath = str(optimized_model)
