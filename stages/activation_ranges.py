@@ -1,11 +1,12 @@
-"""Stage activation_ranges: the range of every activation of the float (BatchNorm-folded) model on
-the calibration images, computed once in float64 and rounded once to float32; both quantizers and
-AdaRound take their activation ranges from this file.
+"""Stage activation_ranges: for every calibration seed, the range of every activation of the float
+(BatchNorm-folded) model on that seed's calibration images, computed once in float64 and rounded
+once to float32; both quantizers and AdaRound take their activation ranges from these files.
 
     python -m stages.activation_ranges --model models/onnx_folded/resnet8.onnx \
-        --calibration data/calibration --out models/activation_ranges.json
+        --calibration data/calibration --out models/activation_ranges
 
-calibrate.method: MinMax or Percentile (calibrate.percentile: the [100 - p, p] percentiles).
+Writes seed_<seed>.json per seed. calibrate.method: MinMax or Percentile (calibrate.percentile:
+the [100 - p, p] percentiles).
 """
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from pathlib import Path
 
 from .lib import params as params_lib
 from .lib import ranges
-from .lib.calibration import CalibrationSet
+from .lib.calibration import CalibrationSet, seed_dir
 from .lib.errors import run_main
+from .lib.files import atomic_path
 
 
 def main() -> None:
@@ -26,10 +28,14 @@ def main() -> None:
     args = parser.parse_args()
     p = params_lib.load()["calibrate"]
 
-    images = CalibrationSet.load(args.calibration).images
-    found = ranges.compute(args.model, images, p["method"], p["percentile"])
-    ranges.save(args.out, found, {"method": p["method"], "percentile": p["percentile"], "images": len(images)})
-    print(f"activation_ranges: {len(found)} tensors, {p['method']} on {len(images)} calibration images (float64)")
+    with atomic_path(args.out, directory=True) as tmp:
+        for seed in p["seeds"]:
+            images = CalibrationSet.load(seed_dir(args.calibration, seed)).images
+            found = ranges.compute(args.model, images, p["method"], p["percentile"])
+            ranges.save(ranges.seed_file(tmp, seed), found,
+                        {"seed": seed, "method": p["method"], "percentile": p["percentile"], "images": len(images)})
+    print(f"activation_ranges: {len(found)} tensors x {len(p['seeds'])} seeds, {p['method']} "
+          f"on {len(images)} calibration images each (float64)")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 """Stage adaround: learn, per weight, whether to round up or down (AdaRound) for one dtype's
-weight grid, on the calibration images, and write the folded ONNX graph with those weights.
+weight grid, for every calibration seed, and write the folded ONNX graph with those weights.
 
     python -m stages.adaround --dtype int8 --model models/onnx_folded/resnet8.onnx \
-        --calibration data/calibration --ranges models/activation_ranges.json \
-        --out models/adaround_int8/resnet8.onnx --metrics metrics/adaround/int8.json
+        --calibration data/calibration --ranges models/activation_ranges \
+        --out models/adaround_int8 --metrics metrics/adaround/int8.json
 
-Both quantizers of that dtype start from this graph; their per-channel symmetric weight
-quantization then lands exactly on the chosen integers. adaround.iterations = 0 turns it off
-(the graph is passed on unchanged, so weights round to nearest).
+Writes seed_<seed>.onnx per seed, each learned from its own calibration draw and activation
+ranges (lib/adaround.adaround_many, one draw at a time in this process). Both
+quantizers of that dtype start from these graphs; their per-channel symmetric weight
+quantization then lands exactly on the chosen integers. adaround.iterations = 0 turns it off (the
+graph is passed on unchanged, so weights round to nearest).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from .lib import params as params_lib
 from .lib import ranges as ranges_lib
-from .lib.calibration import CalibrationSet
+from .lib.calibration import CalibrationSet, seed_dir, seed_file
 from .lib.errors import run_main
 from .lib.files import atomic_path, write_json
 
@@ -27,34 +29,55 @@ def main() -> None:
     parser.add_argument("--dtype", required=True, choices=params_lib.DTYPES)
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--calibration", type=Path, required=True)
-    parser.add_argument("--ranges", type=Path, required=True, help="activation ranges (activation_ranges stage)")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--ranges", type=Path, required=True, help="activation ranges directory (activation_ranges stage)")
+    parser.add_argument("--out", type=Path, required=True, help="directory: seed_<seed>.onnx per seed")
     parser.add_argument("--metrics", type=Path, required=True)
     args = parser.parse_args()
     all_params = params_lib.load()
-    p = all_params["adaround"]
+    p, seeds = all_params["adaround"], all_params["calibrate"]["seeds"]
 
-    calibration = CalibrationSet.load(args.calibration)
-    with atomic_path(args.out) as tmp:
+    images = [CalibrationSet.load(seed_dir(args.calibration, seed)).images for seed in seeds]
+    per_seed = {}
+    with atomic_path(args.out, directory=True) as tmp:
         if p["iterations"] == 0:
-            shutil.copyfile(args.model, tmp)
-            layers = {}
+            for seed in seeds:
+                shutil.copyfile(args.model, seed_file(tmp, seed, ".onnx"))
+                per_seed[seed] = {}
         else:
+            import torch
+
             from .lib import adaround
             from .lib.torch_models import from_onnx
 
             model = from_onnx(args.model)
-            ranges = adaround.input_ranges(args.model, model, ranges_lib.load(args.ranges))
-            layers = adaround.adaround(
-                model, calibration.images, adaround.GRIDS[args.dtype], iterations=p["iterations"],
-                seed=all_params["calibrate"]["seed"], input_ranges=ranges if p["quantized_inputs"] else None)
-            adaround.weights_into_onnx(args.model, model, tmp)
-    flipped = sum(layer["rounded_away_from_nearest"] for layer in layers.values())
-    total = sum(layer["weights"] for layer in layers.values())
+            input_ranges = [adaround.input_ranges(args.model, model, ranges_lib.load(ranges_lib.seed_file(args.ranges, s)))
+                            if p["quantized_inputs"] else None for s in seeds]
+            # one draw at a time: batching the draws saves 5% of the time for 4x the memory
+            # (9.2 GB for five draws of 2,000 images); each draw's result is the same either way
+            results = [adaround.adaround_many(model, [draw], adaround.GRIDS[args.dtype], iterations=p["iterations"],
+                                              seeds=[seed], input_ranges_per_seed=[ranges])[0]
+                       for seed, draw, ranges in zip(seeds, images, input_ranges)]
+            modules = dict(model.named_modules())
+            for seed, (weights, layers) in zip(seeds, results):
+                with torch.no_grad():
+                    for name, weight in weights.items():
+                        modules[name].weight.copy_(weight)
+                adaround.weights_into_onnx(args.model, model, seed_file(tmp, seed, ".onnx"))
+                per_seed[seed] = layers
+    summary = {}
+    for seed, layers in per_seed.items():
+        summary[str(seed)] = {"weights": sum(layer["weights"] for layer in layers.values()),
+                              "rounded_away_from_nearest": sum(layer["rounded_away_from_nearest"]
+                                                               for layer in layers.values()),
+                              "layers": layers}
     write_json(args.metrics, {"dtype": args.dtype, "enabled": p["iterations"] > 0, "settings": p,
-                              "weights": total, "rounded_away_from_nearest": flipped, "layers": layers})
-    print(f"adaround {args.dtype}: {flipped} of {total} weights rounded away from nearest"
-          if layers else f"adaround {args.dtype}: off (adaround.iterations = 0)")
+                              "calibration_images": len(images[0]), "seeds": summary})
+    if p["iterations"] == 0:
+        print(f"adaround {args.dtype}: off (adaround.iterations = 0), {len(seeds)} seeds")
+    for seed, s in summary.items():
+        if p["iterations"]:
+            print(f"adaround {args.dtype} seed {seed}: {s['rounded_away_from_nearest']} of {s['weights']} "
+                  "weights rounded away from nearest")
 
 
 if __name__ == "__main__":

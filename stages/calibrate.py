@@ -1,9 +1,11 @@
-"""Stage calibrate: draw the calibration set from the CIFAR-10 training split (never the test
-split), stratified by class and reproducible from calibrate.seed.
+"""Stage calibrate: one calibration draw per seed (calibrate.seeds) from the CIFAR-10 training
+split, never the test split, stratified by class, and disjoint from the held-out validation
+images (calibrate.validation).
 
     python -m stages.calibrate --data data/cifar10 --out data/calibration
 
-Writes images.npy (uint8 NHWC) and indices.npy (positions in the 50,000-image training split).
+Writes seed_<seed>/images.npy (uint8 NHWC) and seed_<seed>/indices.npy (positions in the
+50,000-image training split) for every seed.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import numpy as np
 
 from .lib import cifar10
 from .lib import params as params_lib
-from .lib.calibration import stratified_indices
+from .lib.calibration import calibration_indices, seed_dir
 from .lib.errors import run_main
 from .lib.files import atomic_path
 
@@ -27,12 +29,15 @@ def main() -> None:
     p = params_lib.load()["calibrate"]
 
     train = cifar10.load(args.data, "train")
-    indices = stratified_indices(train.labels, p["samples"], p["seed"])
     with atomic_path(args.out, directory=True) as tmp:
-        np.save(tmp / "images.npy", np.asarray(train.images[indices]))
-        np.save(tmp / "indices.npy", indices)
-    counts = np.bincount(train.labels[indices], minlength=len(cifar10.CLASSES))
-    print(f"calibrate: {len(indices)} training images, seed {p['seed']}, per class {counts.tolist()}")
+        for seed in p["seeds"]:
+            indices = calibration_indices(train.labels, p["samples"], seed, p["validation"])
+            seed_dir(tmp, seed).mkdir()
+            np.save(seed_dir(tmp, seed) / "images.npy", np.asarray(train.images[indices]))
+            np.save(seed_dir(tmp, seed) / "indices.npy", indices)
+            counts = np.bincount(train.labels[indices], minlength=len(cifar10.CLASSES))
+            print(f"calibrate: seed {seed}: {len(indices)} training images, per class {counts.tolist()}")
+    print(f"calibrate: {len(p['seeds'])} draws, none of them among the {p['validation']} validation images")
 
 
 if __name__ == "__main__":

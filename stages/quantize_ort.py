@@ -1,13 +1,14 @@
-"""Stage quantize_ort: static post-training quantization with ONNX Runtime, one dtype per run.
+"""Stage quantize_ort: static post-training quantization with ONNX Runtime, one dtype per run,
+every calibration seed in the same process.
 
-    python -m stages.quantize_ort --dtype int8 --model models/adaround_int8/resnet8.onnx \
-        --calibration data/calibration --ranges models/activation_ranges.json --out models/ort_int8
+    python -m stages.quantize_ort --dtype int8 --model models/adaround_int8 \
+        --calibration data/calibration --ranges models/activation_ranges --out models/ort_int8
 
 `int8`: int8 activations and int8 weights; `uint8`: uint8 activations and uint8 weights.
 Starts from the BatchNorm-folded graph (with AdaRound's weights). Every activation range comes from
 the activation_ranges stage, as tensor quantization overrides: ONNX Runtime's own calibration
-pass is reduced to one batch, whose results the overrides replace (checked in the saved model). Writes model.onnx and info.json (settings and
-the graph check that proves every Conv and the Dense layer is quantized).
+pass is reduced to one batch, whose results the overrides replace (checked in the saved model). Writes seed_<seed>/model.onnx and
+seed_<seed>/info.json (settings and the graph check that proves every Conv and the Dense layer is quantized).
 """
 from __future__ import annotations
 
@@ -15,12 +16,12 @@ import argparse
 import json
 from pathlib import Path
 
-from .lib import cifar10, layer_error
 from .lib import params as params_lib
 from .lib import ranges as ranges_lib
-from .lib.calibration import CalibrationSet, ort_reader
+from .lib.calibration import CalibrationSet, ort_reader, seed_dir, seed_file
+from .lib.calibration import seeds as seeds_of
 from .lib.errors import PipelineError, run_main
-from .lib.files import atomic_path, write_json
+from .lib.files import atomic_path
 from .lib.quant_checks import onnx_summary, require_quantized
 from .lib.runners import onnx_session
 
@@ -88,33 +89,31 @@ def require_calibrated_ranges(model: Path, ranges: dict, dtype: str, symmetric: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", required=True, choices=params_lib.DTYPES)
-    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--model", type=Path, required=True, help="adaround output directory (seed_<seed>.onnx)")
     parser.add_argument("--calibration", type=Path, required=True)
-    parser.add_argument("--ranges", type=Path, required=True, help="activation ranges (activation_ranges stage)")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--float-model", type=Path, required=True, help="float graph for the per-layer error")
-    parser.add_argument("--data", type=Path, required=True, help="prepared CIFAR-10 (test images for the error)")
-    parser.add_argument("--layer-error", type=Path, required=True, help="per-layer SQNR JSON to write")
+    parser.add_argument("--ranges", type=Path, required=True, help="activation ranges directory (activation_ranges stage)")
+    parser.add_argument("--out", type=Path, required=True, help="directory: seed_<seed>/model.onnx per seed")
     args = parser.parse_args()
-    p = params_lib.load()["quantize_ort"]
+    all_params = params_lib.load()
+    p = all_params["quantize_ort"]
     variant = f"ort_{args.dtype}"
 
-    calibration = CalibrationSet.load(args.calibration)
     with atomic_path(args.out, directory=True) as tmp:
-        ranges = ranges_lib.load(args.ranges)
-        quantize(args.model, tmp / "model.onnx", args.dtype, calibration, ranges, p)
-        summary = onnx_summary(tmp / "model.onnx")
-        require_quantized(variant, summary, WEIGHTED_LAYERS)
-        checked = require_calibrated_ranges(tmp / "model.onnx", ranges, args.dtype, p["symmetric_activations"])
-        info = {"backend": "onnxruntime", "dtype": args.dtype, "calibrated_quantizers_checked": checked,
-                "settings": p, "calibration_images": len(calibration.images),
-                "graph_check": summary}
-        (tmp / "info.json").write_text(json.dumps(info, indent=2) + "\n")
-        test = cifar10.load(args.data, "test", limit=layer_error.IMAGES)
-        errors = layer_error.ort_layer_errors(args.float_model, tmp / "model.onnx", test.images)
-    write_json(args.layer_error, {"variant": variant, "images": len(test.images), "layers": errors})
-    print(f"quantize_ort {args.dtype}: {summary['quantized_layers']} layers quantized "
-          f"({', '.join(summary['weight_dtypes'])} weights)")
+        for seed in seeds_of(all_params):
+            calibration = CalibrationSet.load(seed_dir(args.calibration, seed))
+            ranges = ranges_lib.load(ranges_lib.seed_file(args.ranges, seed))
+            out = seed_dir(tmp, seed)
+            out.mkdir()
+            quantize(seed_file(args.model, seed, ".onnx"), out / "model.onnx", args.dtype, calibration, ranges, p)
+            summary = onnx_summary(out / "model.onnx")
+            require_quantized(variant, summary, WEIGHTED_LAYERS)
+            checked = require_calibrated_ranges(out / "model.onnx", ranges, args.dtype, p["symmetric_activations"])
+            info = {"backend": "onnxruntime", "dtype": args.dtype, "seed": seed,
+                    "calibrated_quantizers_checked": checked, "settings": p,
+                    "calibration_images": len(calibration.images), "graph_check": summary}
+            (out / "info.json").write_text(json.dumps(info, indent=2) + "\n")
+            print(f"quantize_ort {args.dtype} seed {seed}: {summary['quantized_layers']} layers quantized "
+                  f"({', '.join(summary['weight_dtypes'])} weights)")
 
 
 if __name__ == "__main__":

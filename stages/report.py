@@ -48,37 +48,51 @@ def load_conversions(paths: list[Path]) -> dict[str, dict]:
 
 def summarise(variants: dict[str, dict], conversions: dict[str, dict]) -> dict[str, dict]:
     """One entry per variant. Quantized variants: measured against their float parent by the
-    evaluate stage. Float variants: against the model they were converted from, by the conversion
-    check (the first float model, Keras, is the reference and has no such figures)."""
+    evaluate stage, over every calibration seed (`accuracy` and `delta_points` are the means over
+    seeds). Float variants: against the model they were converted from, by the conversion check
+    (the first float model, Keras, is the reference and has no such figures)."""
     summary = {}
     for name, m in variants.items():
-        parent = variants.get(m.get("parent", ""), None)
+        if "parent" in m and m["parent"] not in variants:
+            raise PipelineError(f"variant '{name}' names parent '{m['parent']}', whose metrics are missing")
         conversion = conversions.get(name)
-        entry = {"accuracy": m["accuracy"], "correct": m["correct"]}
-        if "parent" in m:
-            entry.update({"delta_points": m["delta_points"], "agreement_with_float": m["argmax_agreement_with_parent"],
-                          "model_bytes": m["model_bytes"], "size_ratio": m["size_ratio_to_parent"]})
-        elif conversion is not None and conversion["parent"] in variants:
-            source = variants[conversion["parent"]]
-            entry.update({"delta_points": round(100 * (m["accuracy"] - source["accuracy"]), 4),
-                          "agreement_with_float": conversion["argmax_agreement"],
-                          "max_abs_diff_below": conversion["max_abs_diff_below"],
-                          "model_bytes": m["model_bytes"],
-                          "size_ratio": round(m["model_bytes"] / source["model_bytes"], 4)})
+        if "per_seed" in m:
+            a, d, g = m["accuracy"], m["delta_points"], m["agreement_with_parent"]
+            entry = {"accuracy": a["mean"], "accuracy_std": a["std"], "accuracy_min": a["min"],
+                     "accuracy_max": a["max"], "seeds": len(m["seeds"]),
+                     "delta_points": round(d["mean"], 4), "delta_ci95_low": d["ci95_low"],
+                     "delta_ci95_high": d["ci95_high"],
+                     "loss_distinguishable_from_zero": m["loss_distinguishable_from_zero"],
+                     "agreement_with_float": g["mean"], "agreement_min": g["min"],
+                     "mcnemar_p_min": m["mcnemar_p"]["min"],
+                     "model_bytes": m["model_bytes"], "size_ratio": m["size_ratio_to_parent"]}
         else:
-            entry["model_bytes"] = m["model_bytes"]
+            entry = {"accuracy": m["accuracy"], "correct": m["correct"]}
+            if "parent" in m:
+                entry.update({"delta_points": m["delta_points"],
+                              "agreement_with_float": m["argmax_agreement_with_parent"],
+                              "mcnemar_p": m["mcnemar_p"],
+                              "model_bytes": m["model_bytes"], "size_ratio": m["size_ratio_to_parent"]})
+            elif conversion is not None and conversion["parent"] in variants:
+                source = variants[conversion["parent"]]
+                entry.update({"delta_points": round(100 * (m["accuracy"] - source["accuracy"]), 4),
+                              "agreement_with_float": conversion["argmax_agreement"],
+                              "max_abs_diff_below": conversion["max_abs_diff_below"],
+                              "model_bytes": m["model_bytes"],
+                              "size_ratio": round(m["model_bytes"] / source["model_bytes"], 4)})
+            else:
+                entry["model_bytes"] = m["model_bytes"]
         entry["execution"] = m["execution"]["label"]
         if m.get("reference"):
             entry["reference"] = True
-        if parent is None and "parent" in m:
-            raise PipelineError(f"variant '{name}' names parent '{m['parent']}', whose metrics are missing")
         summary[name] = entry
     return summary
 
 
 def comparison_table(summary: dict[str, dict], variants: dict[str, dict], conversions: dict[str, dict]) -> str:
-    rows = ["| variant | parent | execution | top-1 | delta (points) | agreement with parent | size (bytes) | size ratio |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| variant | parent | execution | top-1 | min over seeds | delta (points) | 95% interval of delta "
+            "| loss distinguishable from 0 | agreement with parent | size (bytes) | size ratio |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def cell(value, form: str) -> str:
         return "-" if value is None else format(value, form)
@@ -86,10 +100,48 @@ def comparison_table(summary: dict[str, dict], variants: dict[str, dict], conver
     for name, s in summary.items():
         label = f"{name} (reference)" if variants[name].get("reference") else name
         parent = variants[name].get("parent") or conversions.get(name, {}).get("parent", "-")
-        rows.append(f"| {label} | {parent} | {s['execution']} | {s['accuracy']:.4f} "
-                    f"| {cell(s.get('delta_points'), '+.2f')} | {cell(s.get('agreement_with_float'), '.4f')} "
+        if "seeds" in s:
+            top1 = f"{s['accuracy']:.4f} +- {s['accuracy_std']:.4f} ({s['seeds']} seeds)"
+            interval = f"[{s['delta_ci95_low']:+.2f}, {s['delta_ci95_high']:+.2f}]"
+            distinct = "yes" if s["loss_distinguishable_from_zero"] else "no"
+            low = f"{s['accuracy_min']:.4f}"
+        else:
+            top1, interval, low = f"{s['accuracy']:.4f}", "-", "-"
+            distinct = "-" if "mcnemar_p" not in s else ("yes" if s["mcnemar_p"] < 0.05 else "no")
+        rows.append(f"| {label} | {parent} | {s['execution']} | {top1} | {low} "
+                    f"| {cell(s.get('delta_points'), '+.2f')} | {interval} | {distinct} "
+                    f"| {cell(s.get('agreement_with_float'), '.4f')} "
                     f"| {s['model_bytes']:,} | {cell(s.get('size_ratio'), '.3f')} |")
     return "\n".join(rows)
+
+
+def seeds_table(variants: dict[str, dict]) -> str:
+    """Each quantized variant's accuracy and agreement with its float parent, per calibration seed."""
+    spread = {n: m for n, m in variants.items() if "per_seed" in m}
+    if not spread:
+        return "(no quantized variants)"
+    seeds = next(iter(spread.values()))["seeds"]
+    rows = ["| variant | " + " | ".join(f"seed {s}" for s in seeds) + " | McNemar p (min) |",
+            "|---|" + "---|" * (len(seeds) + 1)]
+    for name, m in spread.items():
+        cells = [f"{m['per_seed'][str(s)]['accuracy']:.4f} / {m['per_seed'][str(s)]['argmax_agreement_with_parent']:.4f}"
+                 for s in seeds]
+        rows.append(f"| {name} | " + " | ".join(cells) + f" | {m['mcnemar_p']['min']:.3f} |")
+    return "\n".join(rows)
+
+
+def accuracy_points(variants: dict[str, dict], baseline: float) -> list[dict]:
+    """The accuracy plot: one point per variant and calibration seed, against the float baseline."""
+    points = []
+    for name, m in variants.items():
+        kind = "reference" if m.get("reference") else ("quantized" if "parent" in m else "float")
+        runs = ([(str(s), r["accuracy"]) for s, r in m["per_seed"].items()] if "per_seed" in m
+                else [("-", m["accuracy"])])
+        for seed, accuracy in runs:
+            points.append({"variant": name, "kind": kind, "seed": seed, "accuracy": accuracy,
+                           "float_baseline": baseline, "float_baseline_label": f"float {baseline:.4f}",
+                           "points_vs_float_baseline": round(100 * (accuracy - baseline), 4)})
+    return points
 
 
 def per_class_delta(variants: dict[str, dict]) -> list[dict]:
@@ -137,7 +189,7 @@ def layer_error_by_dtype(errors: dict[str, dict], keras_layers: dict[str, str]) 
     return by_dtype
 
 
-def layer_error_tables(by_dtype: dict[str, list[dict]], images: int | None) -> str:
+def layer_error_tables(by_dtype: dict[str, list[dict]], where: str) -> str:
     """One table per dtype: Keras layers in graph order, one SQNR column per backend."""
     tables = []
     for dtype, rows in by_dtype.items():
@@ -149,23 +201,41 @@ def layer_error_tables(by_dtype: dict[str, list[dict]], images: int | None) -> s
         for layer in layers:
             cells = [f"{lookup[(layer, b)]:.1f}" if (layer, b) in lookup else "-" for b in backends]
             lines.append(f"| `{layer}` | " + " | ".join(cells) + " |")
-        tables.append(f"### {dtype}\n\nOn the first {images} test images.\n\n" + "\n".join(lines))
+        tables.append(f"### {dtype}\n\n{where}\n\n" + "\n".join(lines))
     return "\n\n".join(tables) if tables else "(no per-layer error files)"
+
+
+def evaluated_on(variants: dict[str, dict]) -> str:
+    splits = {(m.get("split", "test"), m["total"]) for m in variants.values()}
+    if len(splits) != 1:
+        raise PipelineError(f"the variants were scored on different images ({sorted(splits)}); re-run the evaluations")
+    split, total = splits.pop()
+    what = "test set" if split == "test" else "validation split (held-out training images; for choosing settings)"
+    return f"Every variant is scored on the same {total:,} images of the {what}."
 
 
 def render(summary: dict[str, dict], variants: dict[str, dict], conversions: dict[str, dict],
            errors: dict[str, dict], layer_errors: dict[str, list[dict]]) -> str:
     return "\n\n".join([
         "# Quantization report",
-        "Generated by the `report` stage from `metrics/eval/*.json`; do not edit by hand.",
+        "Generated by the `report` stage from `metrics/eval/*.json`; do not edit by hand. "
+        + evaluated_on(variants),
         "## Variants\n\n" + comparison_table(summary, variants, conversions),
-        "Delta and agreement are measured on the same test images against each variant's parent: a "
+        "A quantized variant is built once per calibration seed: its top-1 is the mean +- standard deviation "
+        "over the seeds, `delta` the mean change in points against its float parent, and the 95% interval "
+        "a paired bootstrap of that mean over the evaluation images (`loss distinguishable from 0`: the "
+        "interval excludes 0). For the single MLPerf reference model, the exact McNemar test at 5%. "
+        "Delta and agreement are measured on the same images against each variant's parent: a "
         "quantized variant's float model (`onnx` for ONNX Runtime, `torch` for PyTorch, `keras` for the "
         "MLPerf reference), a float variant's source in the conversion chain (its conversion check). "
         "Execution is measured from the graph each runtime runs: `integer` when every Conv, Gemm and Add "
         "runs on integer kernels, `float` when none does, else `mixed (k of n in float)`; the layer "
         "counts are in `metrics/eval/<variant>.json`."
         + "".join(f"\n\n{name} (reference): {m['reference']}." for name, m in variants.items() if m.get("reference")),
+        "## Every calibration seed\n\nTop-1 / argmax agreement with the float parent, per calibration "
+        "seed (`calibrate.seeds`); the last column is the smallest exact McNemar p-value over the seeds "
+        "(a seed's change against float is distinguishable from zero at the 5% level when p < 0.05).\n\n"
+        + seeds_table(variants),
         "## Per-class accuracy\n\nFloat accuracy per class, and each quantized variant's change in points.\n\n"
         + per_class_table(variants),
         "## Per-layer quantization error\n\nSignal-to-quantization-noise ratio of each quantized layer's "
@@ -174,7 +244,9 @@ def render(summary: dict[str, dict], variants: dict[str, dict], conversions: dic
         "Conv / Linear output (after its fused ReLU); for `torch_int8` that is before the output is "
         "re-quantized, for `torch_uint8` after. Layers are named as in the Keras model (matched by "
         "their kernels in `convert_onnx`).\n\n"
-        + layer_error_tables(layer_errors, next((e["images"] for e in errors.values()), None)),
+        + layer_error_tables(layer_errors, next((f"On the first {e['images']} {e.get('split', 'test')} images, "
+                                                 f"calibration seed {e.get('seed', '-')}."
+                                                 for e in errors.values()), "")),
     ]) + "\n"
 
 
@@ -195,11 +267,7 @@ def main() -> None:
     conversions = load_conversions(args.conversions)
     summary = summarise(variants, conversions)
     baseline = next((variants[v]["accuracy"] for v in FLOAT_ORDER if v in variants), None)
-    write_json(args.accuracy_plot, [
-        {"variant": n, "kind": "reference" if variants[n].get("reference") else
-         ("quantized" if "parent" in variants[n] else "float"),
-         "accuracy": s["accuracy"], "float_baseline": baseline, "float_baseline_label": f"float {baseline:.4f}",
-         "points_vs_float_baseline": round(100 * (s["accuracy"] - baseline), 4)} for n, s in summary.items()])
+    write_json(args.accuracy_plot, accuracy_points(variants, baseline))
     write_json(args.per_class_plot, per_class_delta(variants))
     errors = {f.stem: read_json(f) for f in sorted(args.layer_error.glob("*.json"))} if args.layer_error.is_dir() else {}
     keras_layers = next((c["keras_layers"] for c in conversions.values() if "keras_layers" in c), {})

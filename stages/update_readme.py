@@ -1,5 +1,6 @@
-"""Not a stage: copy the generated results table from reports/quantization.md into README.md
-(between the `results-table` markers), so that the README shows what the pipeline produced.
+"""Not a stage: copy the generated tables from reports/quantization.md into README.md (the
+variants table between the `results-table` markers, the per-seed table between the `seeds-table`
+markers), so that the README shows what the pipeline produced and nothing typed by hand.
 
     python -m stages.update_readme
 """
@@ -8,18 +9,27 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-START, END = "<!-- results-table:start -->", "<!-- results-table:end -->"
+TABLES = {"results-table": r"\| variant \| parent \|", "seeds-table": r"\| variant \| seed "}
+
+
+def table(report: str, header: str) -> str:
+    found = re.search(header + r".*?\n(?:\|.*\n)+", report)
+    if found is None:
+        raise SystemExit(f"update_readme: no table starting with {header!r} in reports/quantization.md")
+    return found.group(0)
 
 
 def main() -> None:
     report = Path("reports/quantization.md").read_text()
-    table = re.search(r"\| variant \|.*?\n(?:\|.*\n)+", report).group(0)
     readme = Path("README.md")
     text = readme.read_text()
-    before, rest = text.split(START, 1)
-    _, after = rest.split(END, 1)
-    readme.write_text(f"{before}{START}\n{table}{END}{after}")
-    print("README.md: results table updated from reports/quantization.md")
+    for marker, header in TABLES.items():
+        start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+        before, rest = text.split(start, 1)
+        _, after = rest.split(end, 1)
+        text = f"{before}{start}\n{table(report, header)}{end}{after}"
+    readme.write_text(text)
+    print("README.md: results and seeds tables updated from reports/quantization.md")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ except ImportError:
     import synthetic as syn
 from stages import calibrate
 from stages.lib import calibration
-from stages.lib.calibration import CalibrationSet, stratified_indices
+from stages.lib.calibration import CalibrationSet, calibration_indices, stratified_indices, validation_indices
 from stages.lib.errors import PipelineError
 
 
@@ -118,21 +118,38 @@ def tiny_train(seed: int = 0):
 
 def test_stage_subprocess_writes_train_images_at_indices(tmp_path):
     ds = tiny_train()
-    syn.write_params(tmp_path, {"calibrate": {"samples": 23, "seed": 3}})
+    syn.write_params(tmp_path, {"calibrate": {"samples": 23, "seeds": [3, 5], "validation": 10}})
     data = syn.write_prepared(tmp_path / "data" / "cifar10", ds, splits=("train",))
     assert syn.listing(data) == ["train_images.npy", "train_labels.npy"]  # no test files to read
 
     result = syn.run_stage("calibrate", ["--data", "data/cifar10", "--out", "data/calibration"], tmp_path)
     assert result.returncode == 0, result.stderr
     out = tmp_path / "data" / "calibration"
-    assert syn.listing(out) == ["images.npy", "indices.npy"]
-    images, indices = np.load(out / "images.npy"), np.load(out / "indices.npy")
-    assert indices.dtype == np.int64 and indices.shape == (23,)
-    np.testing.assert_array_equal(indices, stratified_indices(ds.labels["train"], 23, 3))
-    assert images.dtype == np.uint8 and images.shape == (23, 32, 32, 3)
-    np.testing.assert_array_equal(images, ds.images["train"][indices])
-    counts = np.bincount(ds.labels["train"][indices], minlength=10)
-    assert f"per class {counts.tolist()}" in result.stdout
+    assert syn.listing(out) == ["seed_3", "seed_3/images.npy", "seed_3/indices.npy",
+                                "seed_5", "seed_5/images.npy", "seed_5/indices.npy"]
+    held_out = validation_indices(ds.labels["train"], 10)
+    for seed in (3, 5):
+        images, indices = np.load(out / f"seed_{seed}" / "images.npy"), np.load(out / f"seed_{seed}" / "indices.npy")
+        assert indices.dtype == np.int64 and indices.shape == (23,)
+        np.testing.assert_array_equal(indices, stratified_indices(ds.labels["train"], 23, seed, exclude=held_out))
+        assert not set(indices) & set(held_out)
+        assert images.dtype == np.uint8 and images.shape == (23, 32, 32, 3)
+        np.testing.assert_array_equal(images, ds.images["train"][indices])
+        counts = np.bincount(ds.labels["train"][indices], minlength=10)
+        assert f"seed {seed}: 23 training images, per class {counts.tolist()}" in result.stdout
+    first, second = (np.load(out / f"seed_{s}" / "indices.npy") for s in (3, 5))
+    assert not np.array_equal(first, second)
+
+
+def test_validation_split_is_stratified_fixed_and_apart_from_every_draw():
+    labels = np.random.default_rng(4).permutation(np.arange(50_000) % 10)
+    held_out = validation_indices(labels, 5000)
+    assert np.bincount(labels[held_out], minlength=10).tolist() == [500] * 10
+    np.testing.assert_array_equal(held_out, validation_indices(labels, 5000))  # never moves with the seeds
+    for seed in range(5):
+        draw = calibration_indices(labels, 2000, seed, 5000)
+        assert len(draw) == 2000 and not set(draw) & set(held_out)
+    assert len(validation_indices(labels, 0)) == 0
 
 
 def run_main(monkeypatch, project, *args):
@@ -144,13 +161,13 @@ def run_main(monkeypatch, project, *args):
 def test_stage_never_reads_the_test_split(tmp_path, monkeypatch):
     """Corrupt test files next to good training files: the stage must not notice them."""
     ds = tiny_train()
-    syn.write_params(tmp_path, {"calibrate": {"samples": 10, "seed": 0}})
+    syn.write_params(tmp_path, {"calibrate": {"samples": 10, "seeds": [0], "validation": 10}})
     data = syn.write_prepared(tmp_path / "data", ds, splits=("train",))
     (data / "test_images.npy").write_bytes(b"garbage")
     (data / "test_labels.npy").write_bytes(b"garbage")
     run_main(monkeypatch, tmp_path, "--data", "data", "--out", "calib")
-    indices = np.load(tmp_path / "calib" / "indices.npy")
-    np.testing.assert_array_equal(np.load(tmp_path / "calib" / "images.npy"), ds.images["train"][indices])
+    indices = np.load(tmp_path / "calib" / "seed_0" / "indices.npy")
+    np.testing.assert_array_equal(np.load(tmp_path / "calib" / "seed_0" / "images.npy"), ds.images["train"][indices])
 
 
 def test_stage_is_reproducible_and_follows_the_seed(tmp_path, monkeypatch):
@@ -158,36 +175,37 @@ def test_stage_is_reproducible_and_follows_the_seed(tmp_path, monkeypatch):
     syn.write_prepared(tmp_path / "data", ds, splits=("train",))
     runs = {}
     for name, seed in (("a", 11), ("b", 11), ("c", 12)):
-        syn.write_params(tmp_path, {"calibrate": {"samples": 30, "seed": seed}})
+        syn.write_params(tmp_path, {"calibrate": {"samples": 30, "seeds": [seed], "validation": 10}})
         run_main(monkeypatch, tmp_path, "--data", "data", "--out", name)
-        runs[name] = np.load(tmp_path / name / "indices.npy")
+        runs[name] = np.load(tmp_path / name / f"seed_{seed}" / "indices.npy")
     np.testing.assert_array_equal(runs["a"], runs["b"])
     assert not np.array_equal(runs["a"], runs["c"])
 
 
 def test_stage_replaces_previous_output(tmp_path, monkeypatch):
     ds = tiny_train()
-    syn.write_params(tmp_path, {"calibrate": {"samples": 10, "seed": 0}})
+    syn.write_params(tmp_path, {"calibrate": {"samples": 10, "seeds": [0], "validation": 10}})
     syn.write_prepared(tmp_path / "data", ds, splits=("train",))
     (tmp_path / "calib").mkdir()
     (tmp_path / "calib" / "stale.npy").write_bytes(b"old")
     run_main(monkeypatch, tmp_path, "--data", "data", "--out", "calib")
-    assert syn.listing(tmp_path / "calib") == ["images.npy", "indices.npy"]
+    assert syn.listing(tmp_path / "calib") == ["seed_0", "seed_0/images.npy", "seed_0/indices.npy"]
 
 
 def test_stage_too_many_samples_fails_without_output(tmp_path):
-    ds = tiny_train()  # 6 a class
-    syn.write_params(tmp_path, {"calibrate": {"samples": 70, "seed": 0}})
+    ds = tiny_train()  # 6 a class, 1 a class held out
+    syn.write_params(tmp_path, {"calibrate": {"samples": 60, "seeds": [0], "validation": 10}})
     syn.write_prepared(tmp_path / "data", ds, splits=("train",))
     result = syn.run_stage("calibrate", ["--data", "data", "--out", "calib"], tmp_path)
     assert result.returncode == 1
     lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: calibrate.samples = 70 needs 7 images"), result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: calibrate.samples = 60 needs 6 images"), result.stderr
+    assert "outside the validation images has 5" in lines[0]
     assert not (tmp_path / "calib").exists()
 
 
 def test_stage_without_training_data(tmp_path, monkeypatch):
-    syn.write_params(tmp_path, {"calibrate": {"samples": 10, "seed": 0}})
+    syn.write_params(tmp_path, {"calibrate": {"samples": 10, "seeds": [0], "validation": 10}})
     (tmp_path / "data").mkdir()
     with pytest.raises(PipelineError, match="train_images.npy.*fetch_cifar10"):
         run_main(monkeypatch, tmp_path, "--data", "data", "--out", "calib")

@@ -85,8 +85,10 @@ ONNX = "models/onnx/resnet8.onnx"
 FOLDED = "models/onnx_folded/resnet8.onnx"
 DATA = "data/cifar10"
 CALIBRATION = "data/calibration"
-RANGES = "models/activation_ranges.json"
-TINY = {"calibrate": {"samples": 100}, "adaround": {"iterations": 30}, "evaluate": {"samples": 48}}
+RANGES = "models/activation_ranges"
+PLAIN = "models/plain_int8"  # an adaround output directory holding the folded model as it is (seed_0.onnx)
+TINY = {"calibrate": {"samples": 100, "seeds": [0], "validation": 50}, "adaround": {"iterations": 30},
+        "evaluate": {"samples": 48}}
 DVC = Path(sys.executable).parent / "dvc"
 
 
@@ -103,17 +105,13 @@ def write_params(project: Path, edits: dict | None = None) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def quantize_args(dtype: str, model: str, out: str, calibration: str = CALIBRATION,
-                  layer_error: str | None = None, backend: str = "ort") -> list[str]:
-    """quantize_ort's arguments; with backend="torch", quantize_torch's (it takes the ranges only)."""
-    calibration_args = ["--calibration", calibration] if backend == "ort" else []
-    return ["--dtype", dtype, "--model", model, *calibration_args, "--ranges", RANGES, "--out", out,
-            "--float-model", FOLDED, "--data", DATA,
-            "--layer-error", layer_error or f"metrics/layer_error/{Path(out).name}.json"]
+def quantize_args(dtype: str, model: str, out: str, calibration: str = CALIBRATION) -> list[str]:
+    """quantize_ort's and quantize_torch's arguments (`model`: a directory of seed_<seed>.onnx)."""
+    return ["--dtype", dtype, "--model", model, "--calibration", calibration, "--ranges", RANGES, "--out", out]
 
 
-def quantize_outputs(out: str, layer_error: str | None = None) -> list[str]:
-    return [out, layer_error or f"metrics/layer_error/{Path(out).name}.json"]
+def quantize_outputs(out: str) -> list[str]:
+    return [out]
 
 
 def evaluate_args(variant: str, kind: str, model: str, prefix: str = "", data: str = DATA) -> list[str]:
@@ -150,9 +148,11 @@ def build_base(project: Path) -> Path:
              lambda: run_module("stages.calibrate", "--data", DATA, "--out", CALIBRATION, cwd=project))
     run_module("stages.activation_ranges", "--model", FOLDED, "--calibration", CALIBRATION, "--out", RANGES,
                cwd=project)
-    parallel(lambda: run_module("stages.quantize_ort", *quantize_args("int8", FOLDED, "models/ort_int8"), cwd=project),
-             lambda: run_module("stages.quantize_torch",
-                                *quantize_args("int8", FOLDED, "models/torch_int8", backend="torch"), cwd=project))
+    (project / PLAIN).mkdir(parents=True)
+    shutil.copy(project / FOLDED, project / PLAIN / "seed_0.onnx")
+    parallel(lambda: run_module("stages.quantize_ort", *quantize_args("int8", PLAIN, "models/ort_int8"), cwd=project),
+             lambda: run_module("stages.quantize_torch", *quantize_args("int8", PLAIN, "models/torch_int8"),
+                                cwd=project))
     return project
 
 
@@ -442,7 +442,7 @@ def test_sigkill_during_quantize_ort_at_timed_moments(base, tmp_path):
     project = clone(base, tmp_path / "project")
     write_params(project, {"quantize_ort": {"symmetric_activations": True}})  # so that new != previous
     out = "models/ort_int8"
-    argv = ["-m", "stages.quantize_ort", *quantize_args("int8", FOLDED, out)]
+    argv = ["-m", "stages.quantize_ort", *quantize_args("int8", PLAIN, out)]
     outputs = quantize_outputs(out)
     triggers = [("SIGKILL at 0.3 s", after(0.3)),
                 ("SIGKILL when the temp dir appears", new_temporary()),
@@ -456,7 +456,7 @@ def test_sigkill_during_quantize_torch_at_timed_moments(base, tmp_path):
     project = clone(base, tmp_path / "project")
     write_params(project, {"quantize_torch": {"per_channel": False}})  # so that new != previous
     out = "models/torch_int8"
-    argv = ["-m", "stages.quantize_torch", *quantize_args("int8", FOLDED, out, backend="torch")]
+    argv = ["-m", "stages.quantize_torch", *quantize_args("int8", PLAIN, out)]
     outputs = quantize_outputs(out)
     triggers = [("SIGKILL at 1.5 s (imports)", after(1.5)),
                 ("SIGKILL when the temp dir appears", new_temporary())]
@@ -470,7 +470,7 @@ def test_sigkill_during_quantize_torch_at_timed_moments(base, tmp_path):
 def test_sigkill_during_evaluate_at_timed_moments(base, tmp_path):
     project = clone(base, tmp_path / "project")
     variant = "torch_int8"
-    argv = ["-m", "stages.evaluate", *evaluate_args(variant, "torch_quantized", "models/torch_int8")]
+    argv = ["-m", "stages.evaluate", *evaluate_args(variant, "torch_quantized", "models/torch_int8/seed_0")]
     outputs = evaluate_outputs(variant)
     write_params(project, {"evaluate": {"samples": 24}})  # the previous good outputs: other params
     run_module(*argv[1:], cwd=project)
@@ -503,7 +503,7 @@ def test_sigkill_injected_at_each_step_of_each_atomic_write(base, tmp_path, stag
         old_params, new_params = {"evaluate": {"samples": 24}}, {}
     else:
         out = "models/ort_int8"
-        argv = ["stages.quantize_ort", *quantize_args("int8", FOLDED, out)]
+        argv = ["stages.quantize_ort", *quantize_args("int8", PLAIN, out)]
         outputs = quantize_outputs(out)
         old_params, new_params = {}, {"quantize_ort": {"symmetric_activations": True}}
     inject = ["-m", "tests.faults_helpers", "inject"]
@@ -570,7 +570,7 @@ def test_sigkill_while_the_old_output_directory_is_deleted_leaves_old_or_none(ba
     project = clone(base, tmp_path / "project")
     write_params(project, {"quantize_ort": {"symmetric_activations": True}})
     out = "models/ort_int8"
-    argv = ["stages.quantize_ort", *quantize_args("int8", FOLDED, out)]
+    argv = ["stages.quantize_ort", *quantize_args("int8", PLAIN, out)]
     before = digest(project / out)
     result = subprocess.run([sys.executable, "-m", "tests.faults_helpers", "inject", "removing:1", *argv],
                             cwd=project, env=stage_env(), capture_output=True, text=True, timeout=600)
@@ -599,10 +599,9 @@ stages:
     outs: [data/calibration]
   quantize_ort:
     cmd: python -m stages.quantize_ort {quantize}
-    deps: [models/onnx_folded/resnet8.onnx, data/calibration, models/activation_ranges.json, data/cifar10]
+    deps: [models/plain_int8, data/calibration, models/activation_ranges]
     params: [quantize_ort]
     outs: [models/ort_int8]
-{layer_error}
   evaluate:
     cmd: python -m stages.evaluate {evaluate}
     deps: [models/ort_int8, data/cifar10]
@@ -660,14 +659,13 @@ def test_sigkill_of_dvc_repro_then_repro_succeeds_and_status_is_clean(base, tmp_
     project = tmp_path / "dvcproject"
     project.mkdir()
     write_params(project)
-    for path in (DATA, FOLDED, RANGES):
+    for path in (DATA, PLAIN, RANGES):
         src, dst = base / path, project / path
         dst.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if src.is_dir() else shutil.copy)(src, dst)
-    quantize = " ".join(quantize_args("int8", FOLDED, "models/ort_int8"))
-    layer_error = "    metrics:\n      - metrics/layer_error/ort_int8.json:\n          cache: false"
-    evaluate = " ".join(evaluate_args("ort_int8", "onnx", "models/ort_int8/model.onnx"))
-    (project / "dvc.yaml").write_text(DVC_YAML.format(quantize=quantize, layer_error=layer_error, evaluate=evaluate))
+    quantize = " ".join(quantize_args("int8", PLAIN, "models/ort_int8"))
+    evaluate = " ".join(evaluate_args("ort_int8", "onnx", "models/ort_int8/seed_0/model.onnx"))
+    (project / "dvc.yaml").write_text(DVC_YAML.format(quantize=quantize, evaluate=evaluate))
     outputs = [CALIBRATION, *quantize_outputs("models/ort_int8"), *evaluate_outputs("ort_int8")]
     dvc(project, "init", "--no-scm", "-q")
     dvc(project, "repro")
@@ -676,7 +674,7 @@ def test_sigkill_of_dvc_repro_then_repro_succeeds_and_status_is_clean(base, tmp_
 
     # New parameters make dvc run stages it has never run with them (no cache to restore from);
     # their expected outputs come from uninterrupted `dvc repro`s in copies, in the background.
-    seed = {"calibrate": {"seed": 1}}
+    seed = {"calibrate": {"samples": 90}}  # another draw (the copied ranges stay seed 0's)
     symmetric = {**seed, "quantize_ort": {"symmetric_activations": True}}
     samples = {**symmetric, "evaluate": {"samples": 24}}
     scenarios = [  # (fault, params, --force?, printed line to wait for, then seconds, kill the group?)
@@ -783,9 +781,8 @@ class Corrupt:
         return self.id
 
 
-def _q(dtype: str, model: str, case: str, calibration: str = CALIBRATION, backend: str = "ort") -> tuple:
-    return tuple(quantize_args(dtype, model, f"out/{case}/model", calibration, f"out/{case}/layer_error.json",
-                               backend))
+def _q(dtype: str, model: str, case: str, calibration: str = CALIBRATION) -> tuple:
+    return tuple(quantize_args(dtype, model, f"out/{case}/model", calibration))
 
 
 def _e(kind: str, model: str, case: str, data: str = DATA, parent: bool = False) -> tuple:
@@ -806,8 +803,8 @@ CORRUPT = [
     Corrupt("truncated-onnx>fold_batchnorm", "stages.fold_batchnorm",
             ("--onnx", "bad/truncated.onnx", "--data", DATA, "--out", "out/c4/f.onnx", "--metrics", "out/c4/m.json"),
             "bad/truncated.onnx"),
-    Corrupt("truncated-onnx>quantize_ort", "stages.quantize_ort", _q("int8", "bad/truncated.onnx", "c5"),
-            "bad/truncated.onnx"),
+    Corrupt("truncated-onnx>quantize_ort", "stages.quantize_ort", _q("int8", "bad/truncated_adaround", "c5"),
+            "bad/truncated_adaround/seed_0.onnx"),
     Corrupt("garbage-onnx>evaluate", "stages.evaluate", _e("onnx", "bad/garbage.onnx", "c6"), "bad/garbage.onnx"),
     Corrupt("truncated-onnx>evaluate", "stages.evaluate", _e("onnx", "bad/truncated.onnx", "c7"), "bad/truncated.onnx"),
     Corrupt("truncated-pte>evaluate", "stages.evaluate", _e("executorch", "bad/truncated.pte", "c8"),
@@ -816,8 +813,8 @@ CORRUPT = [
             "bad/truncated.pt2"),
     Corrupt("no-test_images.npy>evaluate", "stages.evaluate", _e("onnx", ONNX, "c9", data="bad/no_test_images"),
             "bad/no_test_images/test_images.npy"),
-    Corrupt("no-calibration-dir>quantize_ort", "stages.quantize_ort", _q("int8", FOLDED, "c10", "bad/no_calibration"),
-            "bad/no_calibration"),
+    Corrupt("no-calibration-dir>quantize_ort", "stages.quantize_ort", _q("int8", PLAIN, "c10", "bad/no_calibration"),
+            "bad/no_calibration/seed_0"),
     Corrupt("garbage-parent-metrics>evaluate", "stages.evaluate",
             _e("onnx", ONNX, "c12") + ("--parent", "onnx", "--parent-metrics", "bad/garbage.json",
                                        "--parent-predictions", "bad/parent.npy"), "bad/garbage.json"),
@@ -825,12 +822,12 @@ CORRUPT = [
     Corrupt("truncated-test_images.npy>evaluate", "stages.evaluate",
             _e("onnx", ONNX, "c13", data="bad/truncated_test_images"), "bad/truncated_test_images/test_images.npy"),
     Corrupt("truncated-calibration-images.npy>quantize_ort", "stages.quantize_ort",
-            _q("int8", FOLDED, "c14", "bad/truncated_calibration"), "bad/truncated_calibration/images.npy"),
-    Corrupt("garbage-onnx>quantize_torch", "stages.quantize_torch", _q("uint8", "bad/garbage.onnx", "c15", backend="torch"),
-            "bad/garbage.onnx"),
+            _q("int8", PLAIN, "c14", "bad/truncated_calibration"), "bad/truncated_calibration/seed_0/images.npy"),
+    Corrupt("garbage-onnx>quantize_torch", "stages.quantize_torch", _q("uint8", "bad/garbage_adaround", "c15"),
+            "bad/garbage_adaround/seed_0.onnx"),
     Corrupt("garbage-onnx>adaround", "stages.adaround",
             ("--dtype", "int8", "--model", "bad/garbage.onnx", "--calibration", CALIBRATION, "--ranges", RANGES,
-             "--out", "out/c16/a.onnx", "--metrics", "out/c16/m.json"), "bad/garbage.onnx"),
+             "--out", "out/c16/a", "--metrics", "out/c16/m.json"), "bad/garbage.onnx"),
     Corrupt("truncated-parent-predictions>evaluate", "stages.evaluate", _e("onnx", ONNX, "c17", parent=True),
             "bad/parent_truncated.npy"),
 ]
@@ -849,8 +846,11 @@ def run_damaged_inputs(base: Path, project: Path) -> tuple[Path, dict]:
     bad.mkdir()
     truncate_copy(project / KERAS, bad / "pretrainedResnet.h5")
     truncate_copy(project / ONNX, bad / "truncated.onnx")
+    truncate_copy(project / ONNX, bad / "truncated_adaround/seed_0.onnx")
     (bad / "garbage.onnx").write_bytes(hashlib.sha512(b"garbage").digest() * 64)
-    truncate_copy(project / "models/torch_int8/model.pte", bad / "truncated.pte")
+    (bad / "garbage_adaround").mkdir()
+    shutil.copy(bad / "garbage.onnx", bad / "garbage_adaround/seed_0.onnx")
+    truncate_copy(project / "models/torch_int8/seed_0/model.pte", bad / "truncated.pte")
     run_module("stages.convert_torch", "--onnx", ONNX, "--data", DATA, "--out", "bad/float.pt2",
                "--metrics", "bad/convert_torch.json", cwd=project)
     truncate_copy(bad / "float.pt2", bad / "truncated.pt2")
@@ -859,7 +859,7 @@ def run_damaged_inputs(base: Path, project: Path) -> tuple[Path, dict]:
     shutil.copytree(project / DATA, bad / "truncated_test_images")
     truncate_copy(project / DATA / "test_images.npy", bad / "truncated_test_images/test_images.npy")
     shutil.copytree(project / CALIBRATION, bad / "truncated_calibration")
-    truncate_copy(project / CALIBRATION / "images.npy", bad / "truncated_calibration/images.npy")
+    truncate_copy(project / CALIBRATION / "seed_0/images.npy", bad / "truncated_calibration/seed_0/images.npy")
     (bad / "garbage.json").write_text('{"total": 48, "accuracy": ')
     run_module("stages.evaluate", "--variant", "onnx", "--kind", "onnx", "--model", ONNX, "--data", DATA,
                "--metrics", "bad/parent.json", "--predictions", "bad/parent.npy", "--confusion", "bad/parent.csv",
@@ -965,7 +965,7 @@ def test_a_quantizer_that_quantizes_nothing_stops_the_stage(base, tmp_path, back
     out = f"models/{variant}_sabotaged"
     outputs = quantize_outputs(out)
     result = subprocess.run([sys.executable, "-m", "tests.faults_helpers", f"{backend}-float",
-                             *quantize_args(dtype, FOLDED, out, backend=backend)], cwd=project, env=stage_env(),
+                             *quantize_args(dtype, PLAIN, out)], cwd=project, env=stage_env(),
                             capture_output=True, text=True, timeout=600)
     line = last_line(result.stderr)
     record(f"quantizer leaves every layer float ({'annotates nothing' if backend == 'torch' else 'Relu only'})",
@@ -1096,7 +1096,7 @@ def previous_outputs_under_out(project: Path) -> tuple[list[str], list[str]]:
     write_params(project, {"evaluate": {"samples": 24}})
     run_module(*eval_argv[1:], cwd=project)
     q_argv = ["-m", "stages.quantize_ort",
-              *quantize_args("int8", FOLDED, OUT_ORT_INT8, layer_error="out/layer_error.json")]
+              *quantize_args("int8", PLAIN, OUT_ORT_INT8)]
     run_module(*q_argv[1:], cwd=project)
     write_params(project, {"quantize_ort": {"symmetric_activations": True}})
     return eval_argv, q_argv
@@ -1109,7 +1109,7 @@ def test_read_only_output_directory_keeps_previous_outputs(base, tmp_path):
         fs_fault(project, "read-only output directory", "evaluate", eval_argv, evaluate_outputs("onnx", "out/"),
                  ro.lock, ro.unlock)
         fs_fault(project, "read-only output directory", "quantize_ort int8", q_argv,
-                 quantize_outputs(OUT_ORT_INT8, "out/layer_error.json"), ro.lock, ro.unlock)
+                 quantize_outputs(OUT_ORT_INT8), ro.lock, ro.unlock)
 
 
 def test_full_output_file_system_keeps_previous_outputs(base, tmp_path):
@@ -1123,7 +1123,7 @@ def test_full_output_file_system_keeps_previous_outputs(base, tmp_path):
                  evaluate_outputs("onnx", "out/"), lambda: filler.append(fill(project / "out")),
                  lambda: filler.pop().unlink())
         fs_fault(project, "full output file system (ENOSPC)", "quantize_ort int8", q_argv,
-                 quantize_outputs(OUT_ORT_INT8, "out/layer_error.json"), lambda: filler.append(fill(project / "out")),
+                 quantize_outputs(OUT_ORT_INT8), lambda: filler.append(fill(project / "out")),
                  lambda: filler.pop().unlink())
         # fetch_model: a 5 MB file already there, a new 5 MB one cannot be copied beside it
         name, target = "pretrainedResnet.h5", "out/pretrainedResnet.h5"

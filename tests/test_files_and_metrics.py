@@ -271,7 +271,7 @@ def test_comparison_shape_mismatch():
 
 def test_write_confusion_csv(tmp_path):
     path = tmp_path / "plots" / "confusion.csv"
-    metrics.write_confusion_csv(path, one_hot_scores(PREDICTED), LABELS)
+    metrics.write_confusion_csv(path, np.asarray(PREDICTED), LABELS)
     with open(path, newline="") as handle:
         rows = list(csv.reader(handle))
     assert rows[0] == ["actual", "predicted"]

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 import pytest
 
 from tests.conftest import REPO, run_script, stage_env
@@ -19,6 +20,7 @@ pytestmark = pytest.mark.e2e
 FLOAT = ("keras", "onnx", "torch")
 QUANTIZED = ("ort_int8", "ort_uint8", "torch_int8", "torch_uint8")
 PARENT = {"ort": "onnx", "torch": "torch"}
+SEEDS = yaml.safe_load((REPO / "params.yaml").read_text())["calibrate"]["seeds"]
 
 
 def sh(project: Path, *command: str) -> subprocess.CompletedProcess:
@@ -88,11 +90,13 @@ def test_report_covers_every_variant(pipeline):
     summary = json.loads((pipeline / "metrics/summary.json").read_text())
     assert set(summary) == set(FLOAT) | set(QUANTIZED) | {"mlperf_int8"}
     for variant in QUANTIZED:
-        assert summary[variant]["accuracy"] == metrics(pipeline, variant)["accuracy"]
+        assert summary[variant]["accuracy"] == metrics(pipeline, variant)["accuracy"]["mean"]
+        assert summary[variant]["seeds"] == len(SEEDS)
         errors = json.loads((pipeline / f"metrics/layer_error/{variant}.json").read_text())
         assert len(errors["layers"]) >= 10 and all(row["sqnr_db"] > 15 for row in errors["layers"])
     report = (pipeline / "reports/quantization.md").read_text()
     assert "mlperf_int8 (reference)" in report and "## Per-layer quantization error" in report
+    assert "## Every calibration seed" in report
 
 
 def test_conversions_agree_on_every_test_image(pipeline):
@@ -107,31 +111,61 @@ def test_conversions_agree_on_every_test_image(pipeline):
 
 
 @pytest.mark.parametrize("variant", QUANTIZED)
-def test_quantized_variant_meets_the_bar_and_is_really_quantized(pipeline, variant):
-    backend, dtype = variant.split("_")
+def test_quantized_variant_meets_the_bar_on_every_seed(pipeline, variant):
+    """The bar: every calibration seed's model scores at least 0.8700 on the 10,000 test images.
+    The figures are this machine's; the bar, not a literal accuracy, is what is asserted."""
+    backend, _ = variant.split("_")
     result = metrics(pipeline, variant)
-    print(f"\n{variant}: {result['accuracy']:.4f} ({result['delta_points']:+.2f} points), "
-          f"agreement {result['argmax_agreement_with_parent']:.4f}, {result['model_bytes']} bytes")
-    assert result["total"] == 10000
-    assert result["accuracy"] >= 0.8700
+    per_seed = result["per_seed"]
+    print(f"\n{variant}: " + ", ".join(f"s{s} {per_seed[str(s)]['accuracy']:.4f}" for s in SEEDS)
+          + f"; mean {result['accuracy']['mean']:.4f}, agreement {result['agreement_with_parent']['mean']:.4f}")
+    assert result["total"] == 10000 and result["seeds"] == SEEDS
+    below = {seed: r["accuracy"] for seed, r in per_seed.items() if r["accuracy"] < 0.8700}
+    assert not below, f"{variant}: seeds below the 0.8700 bar: {below}"
     parent = metrics(pipeline, PARENT[backend])
-    assert result["delta_points"] == pytest.approx(100 * (result["accuracy"] - parent["accuracy"]), abs=1e-3)
-    if backend == "ort":
-        model = pipeline / "models" / variant / "model.onnx"
-        summary = json.loads(run_script("inspect_model", "onnx", str(model), cwd=pipeline).stdout)
-        assert summary["float_layers"] == [] and summary["quantized_layers"] == 10
-    else:  # integer weights, and integer kernels in what runs
-        model = pipeline / "models" / variant
-        summary = json.loads(run_script("inspect_model", "torch_quantized", str(model), cwd=pipeline).stdout)
-        assert summary["int8_weights"] == 10 and summary["execution"]["label"] == "integer"
-        model = next(model.glob("model.*"))
-    assert model.stat().st_size <= (0.4 if backend == "ort" else 0.6) * parent["model_bytes"]
-    labels, parent_labels = (np.load(pipeline / f"data/predictions/{v}.npy") for v in (variant, PARENT[backend]))
-    assert (labels != parent_labels).sum() == result["argmax_disagreements_with_parent"] > 0
+    labels = np.load(pipeline / "data/cifar10/test_labels.npy")
+    predicted = np.load(pipeline / f"data/predictions/{variant}.npy")
+    parent_labels = np.load(pipeline / f"data/predictions/{PARENT[backend]}.npy")
+    assert predicted.shape == (len(SEEDS), 10000)
+    for row, seed in zip(predicted, SEEDS):  # every figure is recomputed from the labels
+        one = per_seed[str(seed)]
+        assert one["correct"] == int((row == labels).sum())
+        assert one["delta_points"] == pytest.approx(100 * (one["accuracy"] - parent["accuracy"]), abs=1e-3)
+        assert (row != parent_labels).sum() == one["argmax_disagreements_with_parent"] > 0
+    low, high = result["delta_points"]["ci95_low"], result["delta_points"]["ci95_high"]
+    assert low <= result["delta_points"]["mean"] <= high
+
+
+@pytest.mark.parametrize("variant", QUANTIZED)
+def test_every_seeds_model_is_really_quantized(pipeline, variant):
+    backend, _ = variant.split("_")
+    parent = metrics(pipeline, PARENT[backend])
     parent_model = pipeline / ("models/onnx/resnet8.onnx" if backend == "ort" else "models/torch/resnet8.pt2")
     parent_scores = json.loads(run_script("inspect_model", "onnx" if backend == "ort" else "torch", str(parent_model),
                                           cwd=pipeline).stdout)["scores"]
-    assert np.abs(np.array(summary["scores"]) - np.array(parent_scores)).max() > 1e-3
+    for seed in SEEDS:
+        if backend == "ort":
+            model = pipeline / "models" / variant / f"seed_{seed}" / "model.onnx"
+            summary = json.loads(run_script("inspect_model", "onnx", str(model), cwd=pipeline).stdout)
+            assert summary["float_layers"] == [] and summary["quantized_layers"] == 10
+        else:  # integer weights, and integer kernels in what runs
+            model = pipeline / "models" / variant / f"seed_{seed}"
+            summary = json.loads(run_script("inspect_model", "torch_quantized", str(model), cwd=pipeline).stdout)
+            assert summary["int8_weights"] == 10 and summary["execution"]["label"] == "integer"
+            model = next(model.glob("model.*"))
+        assert model.stat().st_size <= (0.4 if backend == "ort" else 0.6) * parent["model_bytes"]
+        assert np.abs(np.array(summary["scores"]) - np.array(parent_scores)).max() > 1e-3, (variant, seed)
+
+
+def test_no_quantize_stage_reads_the_test_split(pipeline):
+    """The test split reaches only the evaluation stages (and the per-layer error, a measurement)."""
+    import yaml
+
+    stages = yaml.safe_load((pipeline / "dvc.yaml").read_text())["stages"]
+    for name in ("calibrate", "activation_ranges", "adaround", "quantize_ort", "quantize_torch"):
+        stage = stages[name]
+        assert "data/cifar10" not in stage["cmd"].replace("--data data/cifar10 --out data/calibration", ""), name
+        assert name == "calibrate" or "data/cifar10" not in stage["deps"], name
 
 
 def test_a_fresh_repro_rebuilds_the_committed_lock_and_metrics(pipeline):
@@ -176,7 +210,7 @@ def test_a_quantize_ort_parameter_reruns_only_its_quantize_and_evaluate_stages(p
         set_param(pipeline, "  symmetric_activations: true", "  symmetric_activations: false")
         sh(pipeline, "dvc", "repro")  # back to the committed state (from DVC's run cache)
     assert ran == {"quantize_ort@int8", "quantize_ort@uint8", "evaluate_ort_quantized@int8",
-                   "evaluate_ort_quantized@uint8", "report"}, ran
+                   "evaluate_ort_quantized@uint8", "layer_error@ort-int8", "layer_error@ort-uint8", "report"}, ran
 
 
 def test_execution_is_measured_and_all_integer_where_kernels_exist(pipeline):
@@ -204,8 +238,11 @@ def test_plots_render_as_utf8_and_show_the_differences(pipeline):
     assert any(row["delta_points"] != 0 for row in deltas)
     for variant in QUANTIZED:
         flips = (pipeline / f"plots/flips/{variant}.csv").read_text().splitlines()
-        assert flips[0] == "float_predicted,quantized_predicted"
-        assert len(flips) - 1 == metrics(pipeline, variant)["argmax_disagreements_with_parent"] > 0
+        assert flips[0] == "seed,float_predicted,quantized_predicted"
+        per_seed = metrics(pipeline, variant)["per_seed"]
+        assert len(flips) - 1 == sum(r["argmax_disagreements_with_parent"] for r in per_seed.values()) > 0
+    seeds_plotted = {(row["variant"], row["seed"]) for row in accuracy}
+    assert all((variant, str(seed)) in seeds_plotted for variant in QUANTIZED for seed in SEEDS)
     for dtype in ("int8", "uint8"):
         rows = json.loads((pipeline / f"plots/layer_error/{dtype}.json").read_text())
         assert {r["backend"] for r in rows} == {"ort", "torch"}

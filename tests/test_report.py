@@ -24,14 +24,37 @@ def eval_metrics(variant: str, correct: int, parent: str | None = None, parent_c
     return result
 
 
+def seeded_metrics(variant: str, correct: list[int], parent: str, parent_correct: int, size: int,
+                   execution: str) -> dict:
+    """A quantized variant's metrics as the evaluate stage writes them: one entry per seed, and
+    the distribution (figures made up; the report must restate them, not recompute them)."""
+    per_seed = {str(s): {"accuracy": c / 10000, "correct": c, "delta_points": round((c - parent_correct) / 100, 4),
+                         "argmax_agreement_with_parent": 0.98 + s / 1000, "argmax_disagreements_with_parent": 200 - 10 * s,
+                         "mcnemar_p": 0.5 - s / 10, "model_bytes": size} for s, c in enumerate(correct)}
+    mean = sum(correct) / len(correct) / 10000
+    return {"variant": variant, "split": "test", "total": 10000, "seeds": list(range(len(correct))),
+            "parent": parent, "accuracy": {"mean": mean, "std": 0.0005, "min": min(correct) / 10000, "max": max(correct) / 10000},
+            "delta_points": {"mean": round(100 * (mean - parent_correct / 10000), 4), "std": 0.05, "min": -0.5, "max": 0.5,
+                             "ci95_low": -0.12, "ci95_high": 0.31},
+            "loss_distinguishable_from_zero": False,
+            "agreement_with_parent": {"mean": 0.982, "std": 0.001, "min": 0.98, "max": 0.984},
+            "mcnemar_p": {"min": 0.1, "max": 0.5}, "execution": {"label": execution}, "model_bytes": size,
+            "size_ratio_to_parent": round(size / 4000, 4),
+            "per_class_accuracy": {c: round((sum(correct) / len(correct) + i) / 10000, 6) for i, c in enumerate(CLASSES)},
+            "per_seed": per_seed}
+
+
 @pytest.fixture
 def reported(tmp_path: Path) -> Path:
     directory = tmp_path / "metrics" / "eval"
     directory.mkdir(parents=True)
     variants = [eval_metrics("keras", 8719, size=16000), eval_metrics("onnx", 8719, size=4000),
                 eval_metrics("torch", 8719, size=4000),
-                eval_metrics("ort_int8", 8735, "onnx", 8719, 1400, "integer"),
-                eval_metrics("torch_uint8", 8690, "torch", 8719, 1300, "mixed (1 of 13 in float)")]
+                eval_metrics("mlperf_int8", 8697, "keras", 8719, 900, "integer"),
+                seeded_metrics("ort_int8", [8735, 8725, 8745], "onnx", 8719, 1400, "integer"),
+                seeded_metrics("torch_uint8", [8690, 8680, 8700], "torch", 8719, 1300, "mixed (1 of 13 in float)")]
+    variants[3]["reference"] = "MLPerf's own"
+    variants[3]["mcnemar_p"] = 0.01
     for v in variants:
         (directory / f"{v['variant']}.json").write_text(json.dumps(v))
     errors = tmp_path / "metrics" / "layer_error"
@@ -43,7 +66,8 @@ def reported(tmp_path: Path) -> Path:
         "torch_uint8": [{"layer": "n/conv1", "node": "n/conv1", "sqnr_db": 22.0},
                         {"layer": "n/conv0", "node": "n/conv0", "sqnr_db": 35.25}]}
     for name, rows in layers.items():
-        (errors / f"{name}.json").write_text(json.dumps({"variant": name, "images": 256, "layers": rows}))
+        (errors / f"{name}.json").write_text(json.dumps({"variant": name, "images": 256, "seed": 0, "split": "test",
+                                                         "layers": rows}))
     (tmp_path / "metrics" / "convert_onnx.json").write_text(json.dumps(
         {"opset": 13, "vs_keras": {"max_abs_diff_below": 1e-05, "argmax_agreement": 0.9999, "argmax_disagreements": 1},
          "keras_layers": {"n/conv0": "conv2d", "n/conv1": "conv2d_1"}}))
@@ -68,12 +92,18 @@ def table_rows(markdown: str, header_start: str) -> list[list[str]]:
 
 def test_summary_restates_each_variants_metrics(reported):
     summary = json.loads((reported / "metrics/summary.json").read_text())
-    assert list(summary) == ["keras", "onnx", "torch", "ort_int8", "torch_uint8"]
-    assert summary["ort_int8"] == {"accuracy": 0.8735, "correct": 8735, "delta_points": 0.16,
-                                   "agreement_with_float": 0.98, "model_bytes": 1400, "size_ratio": 0.35,
-                                   "execution": "integer"}
+    assert list(summary) == ["keras", "onnx", "torch", "mlperf_int8", "ort_int8", "torch_uint8"]
+    assert summary["ort_int8"] == {"accuracy": 0.8735, "accuracy_std": 0.0005, "accuracy_min": 0.8725,
+                                   "accuracy_max": 0.8745, "seeds": 3, "delta_points": 0.16,
+                                   "delta_ci95_low": -0.12, "delta_ci95_high": 0.31,
+                                   "loss_distinguishable_from_zero": False, "agreement_with_float": 0.982,
+                                   "agreement_min": 0.98, "mcnemar_p_min": 0.1, "model_bytes": 1400,
+                                   "size_ratio": 0.35, "execution": "integer"}
     assert summary["torch_uint8"]["delta_points"] == -0.29
     assert summary["torch_uint8"]["execution"] == "mixed (1 of 13 in float)"
+    assert summary["mlperf_int8"] == {"accuracy": 0.8697, "correct": 8697, "delta_points": -0.22,
+                                      "agreement_with_float": 0.98, "mcnemar_p": 0.01, "model_bytes": 900,
+                                      "size_ratio": 0.225, "execution": "integer", "reference": True}
     # a float row's figures come from its conversion check, measured; none are filled in
     assert summary["onnx"] == {"accuracy": 0.8719, "correct": 8719, "delta_points": 0.0, "agreement_with_float": 0.9999,
                                "max_abs_diff_below": 1e-05, "model_bytes": 4000, "size_ratio": 0.25,
@@ -84,32 +114,43 @@ def test_summary_restates_each_variants_metrics(reported):
 
 def test_markdown_tables_match_the_metrics(reported):
     markdown = (reported / "reports/quantization.md").read_text()
+    assert "the same 10,000 images of the test set" in markdown
     rows = {r[0]: r for r in table_rows(markdown, "| variant |")}
-    assert rows["ort_int8"][1:6] == ["onnx", "integer", "0.8735", "+0.16", "0.9800"]
-    assert rows["onnx"][1:6] == ["keras", "float", "0.8719", "+0.00", "0.9999"]
-    assert rows["keras"][1:6] == ["-", "float", "0.8719", "-", "-"]
-    assert rows["torch_uint8"][4] == "-0.29"
+    assert rows["ort_int8"][1:9] == ["onnx", "integer", "0.8735 +- 0.0005 (3 seeds)", "0.8725", "+0.16",
+                                     "[-0.12, +0.31]", "no", "0.9820"]
+    assert rows["mlperf_int8 (reference)"][1:9] == ["keras", "integer", "0.8697", "-", "-0.22", "-", "yes", "0.9800"]
+    assert rows["onnx"][1:9] == ["keras", "float", "0.8719", "-", "+0.00", "-", "-", "0.9999"]
+    assert rows["keras"][1:9] == ["-", "float", "0.8719", "-", "-", "-", "-", "-"]
+    assert rows["torch_uint8"][5] == "-0.29"
+    seeds = {r[0]: r for r in table_rows(markdown, "| variant | seed 0")}
+    assert seeds["ort_int8"] == ["ort_int8", "0.8735 / 0.9800", "0.8725 / 0.9810", "0.8745 / 0.9820", "0.100"]
+    assert list(seeds) == ["ort_int8", "torch_uint8"]
     per_class = {r[0]: r for r in table_rows(markdown, "| class |")}
     assert list(per_class) == list(CLASSES)
-    # ort_int8 per class: (8735 + i) vs parent (8719 + i) -> +0.16 points -> "+0.2"
-    assert per_class["cat"][2] == "+0.2" and per_class["cat"][3] == "-0.3"
+    # ort_int8 per class: mean (8735 + i) vs parent (8719 + i) -> +0.16 points -> "+0.2"
+    assert per_class["cat"][3] == "+0.2" and per_class["cat"][4] == "-0.3"
 
 
-def test_plot_files_are_well_formed_one_per_variant(reported):
+def test_plot_files_are_well_formed_one_point_per_seed(reported):
     accuracy = json.loads((reported / "plots/accuracy.json").read_text())
-    assert [row["variant"] for row in accuracy] == ["keras", "onnx", "torch", "ort_int8", "torch_uint8"]
+    assert [(row["variant"], row["seed"]) for row in accuracy] == [
+        ("keras", "-"), ("onnx", "-"), ("torch", "-"), ("mlperf_int8", "-"),
+        ("ort_int8", "0"), ("ort_int8", "1"), ("ort_int8", "2"),
+        ("torch_uint8", "0"), ("torch_uint8", "1"), ("torch_uint8", "2")]
     assert all(row["float_baseline"] == 0.8719 for row in accuracy)
-    assert [row["points_vs_float_baseline"] for row in accuracy] == [0.0, 0.0, 0.0, 0.16, -0.29]
-    assert [row["kind"] for row in accuracy] == ["float", "float", "float", "quantized", "quantized"]
+    assert [row["points_vs_float_baseline"] for row in accuracy] == [
+        0.0, 0.0, 0.0, -0.22, 0.16, 0.06, 0.26, -0.29, -0.39, -0.19]
+    assert [row["kind"] for row in accuracy][2:5] == ["float", "reference", "quantized"]
     rows = json.loads((reported / "plots/per_class_delta.json").read_text())
-    assert [r["variant"] for r in rows] == ["ort_int8"] * 10 + ["torch_uint8"] * 10  # quantized only, one chart
+    assert [r["variant"] for r in rows] == ["mlperf_int8"] * 10 + ["ort_int8"] * 10 + ["torch_uint8"] * 10
     assert [r["class"] for r in rows[:10]] == list(CLASSES)
-    assert rows[3]["delta_points"] == pytest.approx(100 * ((8735 + 3) - (8719 + 3)) / 10000)
+    assert rows[13]["delta_points"] == pytest.approx(100 * ((8735 + 3) - (8719 + 3)) / 10000)
 
 
 def test_layer_error_tables_and_plots_match_the_files(reported):
     """Both backends side by side per dtype, under the Keras layer names, in graph order."""
     markdown = (reported / "reports/quantization.md").read_text()
+    assert "On the first 256 test images, calibration seed 0." in markdown
     uint8 = table_rows(markdown[markdown.index("### uint8"):], "| Keras layer |")
     assert uint8 == [["`conv2d`", "41.0", "35.2"], ["`conv2d_1`", "30.5", "22.0"]]
     files = sorted(p.name for p in (reported / "plots/layer_error").iterdir())
@@ -130,9 +171,10 @@ def test_a_missing_parent_is_a_clear_error(tmp_path):
     assert not (tmp_path / "s.json").exists()
 
 
-def test_readme_results_table_is_the_generated_one():
-    """The README's results table is copied from the pipeline's report, never typed."""
+@pytest.mark.parametrize("header", [r"\| variant \| parent \|", r"\| variant \| seed "])
+def test_readme_tables_are_the_generated_ones(header):
+    """The README's results and per-seed tables are copied from the pipeline's report, never typed."""
     readme = (REPO / "README.md").read_text()
     report = (REPO / "reports/quantization.md").read_text()
-    generated = re.search(r"\| variant \|.*?\n(?:\|.*\n)+", report).group(0)
+    generated = re.search(header + r".*?\n(?:\|.*\n)+", report).group(0)
     assert generated in readme

@@ -18,21 +18,31 @@ QUANTIZED = [f"{backend}_{dtype}" for backend in ("ort", "torch") for dtype in D
 PARENT = {"ort": "onnx", "torch": "torch"}
 MODEL_FILE = {"ort_int8": "model.onnx", "ort_uint8": "model.onnx", "torch_int8": "model.pte", "torch_uint8": "model.pt2"}
 KIND = {"ort": "onnx", "torch": "torch_quantized"}  # how evaluate is told to run each backend's output
-RANGES = "models/activation_ranges.json"
+RANGES = "models/activation_ranges"
+SEEDS = [0, 1]  # two calibration draws: every per-seed path is exercised
 FLOAT_MODEL = {"keras": "models/keras/pretrainedResnet.h5", "onnx": "models/onnx/resnet8.onnx",
                "torch": "models/torch/resnet8.pt2"}
 
 
-def quantize_args(backend: str, dtype: str, folded: str = "models/onnx_folded/resnet8.onnx") -> list[str]:
-    calibration = ["--calibration", "data/calibration"] if backend == "ort" else []  # torch takes the ranges only
-    return ["--dtype", dtype, "--model", f"models/adaround_{dtype}/resnet8.onnx", *calibration, "--ranges", RANGES,
-            "--out", f"models/{backend}_{dtype}", "--float-model", folded, "--data", "data/cifar10",
-            "--layer-error", f"metrics/layer_error/{backend}_{dtype}.json"]
+def quantize_args(backend: str, dtype: str) -> list[str]:
+    return ["--dtype", dtype, "--model", f"models/adaround_{dtype}", "--calibration", "data/calibration",
+            "--ranges", RANGES, "--out", f"models/{backend}_{dtype}"]
 
 
-def evaluated_model(variant: str) -> str:
-    """What evaluate's --model names: the ONNX file, or the quantize_torch directory."""
-    return f"models/{variant}/model.onnx" if variant.startswith("ort") else f"models/{variant}"
+def layer_error_args(variant: str, folded: str = "models/onnx_folded/resnet8.onnx") -> list[str]:
+    dtype = variant.split("_")[1]
+    return ["--variant", variant, "--float-model", folded, "--quantized", f"models/{variant}",
+            "--adaround", f"models/adaround_{dtype}", "--ranges", RANGES, "--data", "data/cifar10",
+            "--out", f"metrics/layer_error/{variant}.json"]
+
+
+def evaluated_model(variant: str, seed: int | str = "{seed}") -> str:
+    """What evaluate's --model names: each seed's ONNX file, or quantize_torch directory."""
+    return f"models/{variant}/seed_{seed}/model.onnx" if variant.startswith("ort") else f"models/{variant}/seed_{seed}"
+
+
+def seed_artifact(variant: str, seed: int) -> str:
+    return f"models/{variant}/seed_{seed}/{MODEL_FILE[variant]}"
 
 
 def evaluate(project: Path, variant: str, kind: str, model: str, parent: str | None = None, check: bool = True):
@@ -53,6 +63,7 @@ def tiny(tmp_path_factory) -> Path:
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["calibrate"]["samples"], params["adaround"]["iterations"] = 100, 30
+    params["calibrate"]["seeds"], params["calibrate"]["validation"] = SEEDS, 50
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run_script("tiny_models", FLOAT_MODEL["keras"], "data/cifar10", cwd=project)
     run_module("stages.convert_onnx", "--keras", FLOAT_MODEL["keras"], "--data", "data/cifar10",
@@ -69,13 +80,14 @@ def tiny(tmp_path_factory) -> Path:
     for dtype in DTYPES:
         run_module("stages.adaround", "--dtype", dtype, "--model", "models/onnx_folded/resnet8.onnx",
                    "--calibration", "data/calibration", "--ranges", RANGES,
-                   "--out", f"models/adaround_{dtype}/resnet8.onnx",
+                   "--out", f"models/adaround_{dtype}",
                    "--metrics", f"metrics/adaround/{dtype}.json", cwd=project)
     for backend in ("ort", "torch"):
         for dtype in DTYPES:
             run_module(f"stages.quantize_{backend}", *quantize_args(backend, dtype), cwd=project)
             evaluate(project, f"{backend}_{dtype}", KIND[backend], evaluated_model(f"{backend}_{dtype}"),
                      parent=PARENT[backend])
+            run_module("stages.layer_error", *layer_error_args(f"{backend}_{dtype}"), cwd=project)
     return project
 
 
@@ -123,7 +135,7 @@ def test_convert_torch_matches_onnx_and_reloads_identically_in_fresh_processes(t
     assert alone["scores"] == first["scores"]
 
 
-@pytest.mark.parametrize("model", [FLOAT_MODEL["torch"], "models/torch_int8/model.pte", "models/torch_uint8/model.pt2"])
+@pytest.mark.parametrize("model", [FLOAT_MODEL["torch"], "models/torch_int8/seed_0/model.pte", "models/torch_uint8/seed_1/model.pt2"])
 def test_saved_torch_programs_hold_nothing_from_this_checkout(tiny, model):
     """Same model, same bytes in every clone: no source locations (absolute virtualenv paths), no
     example images."""
@@ -175,8 +187,8 @@ def test_folded_graph_has_no_batchnorm_arithmetic_left(tiny):
 def test_quantized_variant_is_really_quantized(tiny, variant):
     """Integer weights, integer kernels in what runs, and outputs that differ from float."""
     backend, dtype = variant.split("_")
-    model = tiny / "models" / variant / MODEL_FILE[variant]
-    summary = json.loads(run_script("inspect_model", KIND[backend], evaluated_model(variant), cwd=tiny).stdout)
+    model = tiny / seed_artifact(variant, 0)
+    summary = json.loads(run_script("inspect_model", KIND[backend], evaluated_model(variant, 0), cwd=tiny).stdout)
     if backend == "ort":
         assert summary["float_layers"] == []
         assert summary["quantized_layers"] == 10
@@ -185,7 +197,7 @@ def test_quantized_variant_is_really_quantized(tiny, variant):
     else:
         assert summary["int8_weights"] == 10
         assert summary["execution"]["float_layers"] == [] and summary["execution"]["label"] == "integer"
-        assert read(tiny, f"models/{variant}/info.json")["weights_on_adaround_grid"] == 10
+        assert read(tiny, f"models/{variant}/seed_0/info.json")["weights_on_adaround_grid"] == 10
     parent_file = tiny / FLOAT_MODEL[PARENT[backend]]
     assert model.stat().st_size <= (0.4 if backend == "ort" else 0.6) * parent_file.stat().st_size
     parent = json.loads(run_script("inspect_model", "onnx" if backend == "ort" else "torch",
@@ -194,15 +206,32 @@ def test_quantized_variant_is_really_quantized(tiny, variant):
 
 
 @pytest.mark.parametrize("variant", QUANTIZED)
-def test_quantized_metrics_are_computed_against_the_parent(tiny, variant):
+def test_quantized_metrics_are_computed_against_the_parent_for_every_seed(tiny, variant):
+    from stages.lib import stats
+
     backend, dtype = variant.split("_")
     metrics, parent = read(tiny, f"metrics/eval/{variant}.json"), read(tiny, f"metrics/eval/{PARENT[backend]}.json")
-    assert metrics["parent"] == PARENT[backend] and metrics["dtype"] == dtype
-    assert metrics["delta_points"] == pytest.approx(100 * (metrics["accuracy"] - parent["accuracy"]), abs=1e-3)
-    expected_agreement = (np.load(tiny / f"data/predictions/{variant}.npy")
-                          == np.load(tiny / f"data/predictions/{PARENT[backend]}.npy")).mean()
-    assert metrics["argmax_agreement_with_parent"] == pytest.approx(expected_agreement)
-    assert metrics["model_bytes"] == (tiny / "models" / variant / MODEL_FILE[variant]).stat().st_size
+    assert metrics["parent"] == PARENT[backend] and metrics["seeds"] == SEEDS
+    assert metrics["settings"] is not None
+    predicted = np.load(tiny / f"data/predictions/{variant}.npy")
+    parent_labels = np.load(tiny / f"data/predictions/{PARENT[backend]}.npy")
+    labels = np.load(tiny / "data/cifar10/test_labels.npy")
+    assert predicted.shape == (len(SEEDS), len(labels))
+    for row, seed in zip(predicted, SEEDS):
+        one = metrics["per_seed"][str(seed)]
+        assert one["accuracy"] == pytest.approx((row == labels).mean(), abs=1e-6)
+        assert one["delta_points"] == pytest.approx(100 * (one["accuracy"] - parent["accuracy"]), abs=1e-3)
+        assert one["argmax_agreement_with_parent"] == pytest.approx((row == parent_labels).mean(), abs=1e-6)
+        assert one["mcnemar_p"] == pytest.approx(stats.mcnemar_p(parent_labels == labels, row == labels), abs=1e-6)
+        assert one["model_bytes"] == (tiny / seed_artifact(variant, seed)).stat().st_size
+        assert read(tiny, f"models/{variant}/seed_{seed}/info.json")["seed"] == seed
+    accuracies = [metrics["per_seed"][str(s)]["accuracy"] for s in SEEDS]
+    assert metrics["accuracy"]["mean"] == pytest.approx(np.mean(accuracies), abs=1e-6)
+    assert metrics["accuracy"]["min"] == min(accuracies)
+    low, high = metrics["delta_points"]["ci95_low"], metrics["delta_points"]["ci95_high"]
+    assert low <= metrics["delta_points"]["mean"] <= high
+    assert metrics["loss_distinguishable_from_zero"] == (high < 0 or low > 0)
+
 
 
 def test_a_float_torch_model_fails_the_quantization_proof(tiny):
@@ -242,18 +271,23 @@ def test_evaluate_refuses_a_missing_model(tiny):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_adaround_weights_land_exactly_on_the_onnxruntime_integer_grid(tiny, dtype):
     report = read(tiny, f"metrics/adaround/{dtype}.json")
-    assert report["enabled"] and report["weights"] > 0
-    assert 0 < report["rounded_away_from_nearest"] < report["weights"]
-    check = json.loads(run_script("check_grid", f"models/adaround_{dtype}/resnet8.onnx",
-                                  f"models/ort_{dtype}/model.onnx", cwd=tiny).stdout)
-    assert check["layers"] == 10
-    assert check["max_offgrid_steps"] < 1e-3  # the quantizer stored exactly AdaRound's integers
+    assert report["enabled"] and sorted(report["seeds"]) == [str(s) for s in SEEDS]
+    for seed in SEEDS:
+        one = report["seeds"][str(seed)]
+        assert one["weights"] > 0 and 0 < one["rounded_away_from_nearest"] < one["weights"]
+        check = json.loads(run_script("check_grid", f"models/adaround_{dtype}/seed_{seed}.onnx",
+                                      f"models/ort_{dtype}/seed_{seed}/model.onnx", cwd=tiny).stdout)
+        assert check["layers"] == 10
+        assert check["max_offgrid_steps"] < 1e-3  # the quantizer stored exactly AdaRound's integers
+    # each seed learns from its own draw: the roundings differ
+    first, second = (tiny / f"models/adaround_{dtype}/seed_{s}.onnx" for s in SEEDS)
+    assert first.read_bytes() != second.read_bytes()
 
 
 @pytest.mark.parametrize("variant", QUANTIZED)
 def test_per_layer_error_covers_every_quantized_layer(tiny, variant):
     report = read(tiny, f"metrics/layer_error/{variant}.json")
-    assert report["variant"] == variant and report["images"] == 48
+    assert report["variant"] == variant and report["images"] == 48 and report["seed"] == SEEDS[0]
     import onnx
 
     sqnr = [row["sqnr_db"] for row in report["layers"]]
@@ -266,9 +300,11 @@ def test_per_layer_error_covers_every_quantized_layer(tiny, variant):
 
 # --------------------------------------------------------------------------- same bytes on any machine
 
+QUANTIZE_ARTIFACTS = [*(f"{RANGES}/seed_{s}.json" for s in SEEDS),
+                      *(f"models/adaround_{d}/seed_{s}.onnx" for d in DTYPES for s in SEEDS),
+                      *(seed_artifact(v, s) for v in QUANTIZED for s in SEEDS)]
 MODEL_ARTIFACTS = ["models/onnx/resnet8.onnx", FLOAT_MODEL["torch"], "models/onnx_folded/resnet8.onnx",
-                   RANGES, *(f"models/adaround_{d}/resnet8.onnx" for d in DTYPES),
-                   *(f"models/{v}/{MODEL_FILE[v]}" for v in QUANTIZED)]
+                   *QUANTIZE_ARTIFACTS]
 # What can be switched on one machine: thread counts, and the kernels torch, oneDNN and TensorFlow
 # pick for the CPU (ONNX Runtime's MLAS has no such switch).
 SWITCHES = {
@@ -297,10 +333,10 @@ def test_every_model_artifact_is_the_same_under_thread_and_isa_switches(tiny, sw
                "--out", RANGES, cwd=project, **env)
     for dtype in DTYPES:
         run_module("stages.adaround", "--dtype", dtype, "--model", folded, "--calibration", "data/calibration",
-                   "--ranges", RANGES, "--out", f"models/adaround_{dtype}/resnet8.onnx",
+                   "--ranges", RANGES, "--out", f"models/adaround_{dtype}",
                    "--metrics", f"metrics/adaround/{dtype}.json", cwd=project, **env)
         for backend in ("ort", "torch"):
-            run_module(f"stages.quantize_{backend}", *quantize_args(backend, dtype, folded), cwd=project, **env)
+            run_module(f"stages.quantize_{backend}", *quantize_args(backend, dtype), cwd=project, **env)
     differ = [name for name in MODEL_ARTIFACTS if (project / name).read_bytes() != (tiny / name).read_bytes()]
     assert not differ, f"{switch} changed {differ}"
     for name in ("metrics/adaround/int8.json", "metrics/adaround/uint8.json", "metrics/fold_batchnorm.json",
@@ -312,7 +348,7 @@ def test_last_bit_noise_in_float_activations_changes_no_range_and_no_rounding(ti
     """The activations that ranges and AdaRound are computed from, perturbed by up to 4 float64
     ulps (what another CPU kind's kernels or another thread count can change): every range and
     every rounded weight and bias must come out the same."""
-    result = json.loads(run_script("check_noise", "models/onnx_folded/resnet8.onnx", "data/calibration", "200",
+    result = json.loads(run_script("check_noise", "models/onnx_folded/resnet8.onnx", "data/calibration/seed_0", "200",
                                    cwd=tiny).stdout)
     assert result["tensors"] >= 20 and result["int8_layers"] == result["uint8_layers"] == 10
     assert result["ranges_moved_by_noise"] == 0.0 and result["ranges_identical"], result
@@ -356,7 +392,7 @@ def test_execution_label_is_measured_from_the_graph_that_runs(tiny, variant):
 
 def test_a_model_with_one_float_conv_is_reported_as_mixed(tiny):
     result = json.loads(run_script("measure_execution", "onnx-leave-one-float", "models/onnx_folded/resnet8.onnx",
-                                   RANGES, "partly.onnx", cwd=tiny).stdout)
+                                   f"{RANGES}/seed_0.json", "partly.onnx", cwd=tiny).stdout)
     assert result["label"] == "mixed (1 of 13 in float)", result
     assert result["layers"]["Conv"] == "8/9 integer" and len(result["float_layers"]) == 1
 
@@ -406,19 +442,18 @@ def test_the_quantize_chain_gives_the_same_bytes_and_labels_on_an_avx2_cpu(tiny,
         shutil.copy(tiny / name, project / name)
     for dtype in DTYPES:
         run_on_avx2("stages.adaround", "--dtype", dtype, "--model", folded, "--calibration", "data/calibration",
-                    "--ranges", RANGES, "--out", f"models/adaround_{dtype}/resnet8.onnx",
+                    "--ranges", RANGES, "--out", f"models/adaround_{dtype}",
                     "--metrics", f"metrics/adaround/{dtype}.json", cwd=project)
         for backend in ("ort", "torch"):
             variant = f"{backend}_{dtype}"
-            run_on_avx2(f"stages.quantize_{backend}", *quantize_args(backend, dtype, folded), cwd=project)
+            run_on_avx2(f"stages.quantize_{backend}", *quantize_args(backend, dtype), cwd=project)
             run_on_avx2("stages.evaluate", "--variant", variant, "--kind", KIND[backend],
                         "--model", evaluated_model(variant), "--data", "data/cifar10",
                         "--metrics", f"metrics/eval/{variant}.json", "--predictions", f"data/predictions/{variant}.npy",
                         "--confusion", f"plots/confusion/{variant}.csv", "--parent", PARENT[backend],
                         "--parent-metrics", f"metrics/eval/{PARENT[backend]}.json",
                         "--parent-predictions", f"data/predictions/{PARENT[backend]}.npy", cwd=project)
-    artifacts = [folded, RANGES, *(f"models/adaround_{d}/resnet8.onnx" for d in DTYPES),
-                 *(f"models/{v}/{MODEL_FILE[v]}" for v in QUANTIZED)]
+    artifacts = [folded, *QUANTIZE_ARTIFACTS]
     differ = [name for name in artifacts if (project / name).read_bytes() != (tiny / name).read_bytes()]
     assert not differ, f"on the AVX2 CPU these differ: {differ}"
     for variant in QUANTIZED:  # the integer kernels answer the same on both
@@ -433,8 +468,11 @@ def test_onnxruntime_models_hold_the_calibrated_ranges_and_a_foreign_range_is_re
     from stages.lib.errors import PipelineError
     from stages.quantize_ort import require_calibrated_ranges
 
-    model, ranges = tiny / f"models/ort_{dtype}/model.onnx", ranges_lib.load(tiny / RANGES)
-    assert read(tiny, f"models/ort_{dtype}/info.json")["calibrated_quantizers_checked"] >= 10
+    model, ranges = tiny / f"models/ort_{dtype}/seed_1/model.onnx", ranges_lib.load(tiny / RANGES / "seed_1.json")
+    assert read(tiny, f"models/ort_{dtype}/seed_1/info.json")["calibrated_quantizers_checked"] >= 10
+    other = ranges_lib.load(tiny / RANGES / "seed_0.json")  # another draw's ranges are not this model's
+    with pytest.raises(PipelineError, match="do not hold the calibrated range"):
+        require_calibrated_ranges(model, other, dtype, symmetric=False)
     assert require_calibrated_ranges(model, ranges, dtype, symmetric=False) >= 10
     name = next(n for n, r in ranges.items() if r.high > 0 and n.endswith("Relu:0"))
     moved = {**ranges, name: ranges_lib.Range(ranges[name].low, ranges[name].high * 1.01)}

@@ -59,21 +59,32 @@ def comparison(parent: np.ndarray, child: np.ndarray) -> dict:
     }
 
 
-def write_confusion_csv(path: str | Path, scores: np.ndarray, labels: np.ndarray) -> None:
-    """One row per image (actual, predicted class name): the input of DVC's confusion template."""
+def _per_seed(predicted: np.ndarray, seeds: list[int] | None) -> list[tuple[list, np.ndarray]]:
+    """[(leading CSV cells, one row of predicted labels)]: one entry, or one per seed."""
+    if seeds is None:
+        return [([], np.asarray(predicted))]
+    return [([seed], row) for seed, row in zip(seeds, np.asarray(predicted))]
+
+
+def write_confusion_csv(path: str | Path, predicted: np.ndarray, labels: np.ndarray,
+                        seeds: list[int] | None = None) -> None:
+    """One row per image (actual, predicted class name): the input of DVC's confusion template.
+    With `seeds`, `predicted` holds one row of labels per seed, and each CSV row names its seed."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["actual", "predicted"])
-        for actual, predicted in zip(labels, scores.argmax(axis=1)):
-            writer.writerow([CLASSES[actual], CLASSES[predicted]])
+        writer.writerow((["seed"] if seeds is not None else []) + ["actual", "predicted"])
+        for lead, row in _per_seed(predicted, seeds):
+            for actual, label in zip(labels, row):
+                writer.writerow(lead + [CLASSES[actual], CLASSES[label]])
 
 
-def write_flips_csv(path: str | Path, parent: np.ndarray, child: np.ndarray) -> None:
+def write_flips_csv(path: str | Path, parent: np.ndarray, child: np.ndarray, seeds: list[int] | None = None) -> None:
     """One row per image whose predicted class changed from `parent` to `child` (class names):
-    DVC's confusion template draws it as a float-vs-quantized flip matrix."""
-    changed = np.flatnonzero(parent != child)
+    DVC's confusion template draws it as a float-vs-quantized flip matrix. With `seeds`, `child`
+    holds one row of labels per seed, and each CSV row names its seed (the plot sums them)."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["float_predicted", "quantized_predicted"])
-        for index in changed:
-            writer.writerow([CLASSES[parent[index]], CLASSES[child[index]]])
+        writer.writerow((["seed"] if seeds is not None else []) + ["float_predicted", "quantized_predicted"])
+        for lead, row in _per_seed(child, seeds):
+            for index in np.flatnonzero(parent != row):
+                writer.writerow(lead + [CLASSES[parent[index]], CLASSES[row[index]]])

@@ -54,6 +54,10 @@ _DTYPES = Rule(list, lambda v: len(v) > 0 and all(isinstance(d, str) and d in DT
                and len(set(v)) == len(v),
                "a non-empty list of distinct dtypes from " + ", ".join(DTYPES))
 
+_SEEDS = Rule(list, lambda v: 0 < len(v) <= 50 and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                                    for s in v) and len(set(v)) == len(v),
+               "a non-empty list of at most 50 distinct integers >= 0")
+
 SCHEMA: dict[str, dict[str, Rule]] = {
     "fetch_model": {"base_url": _URL, "sha256": _MODEL_DIGESTS},
     "fetch_cifar10": {
@@ -70,6 +74,7 @@ SCHEMA: dict[str, dict[str, Rule]] = {
         "min_agreement": _float_range(0.0, 1.0),
     },
     "evaluate": {
+        "split": _choice("test", "validation"),
         "batch_size": _int_range(1, TEST_SIZE),
         "samples": _int_range(1, TEST_SIZE),
         "expected_accuracy": _float_range(0.0, 1.0),
@@ -77,8 +82,9 @@ SCHEMA: dict[str, dict[str, Rule]] = {
     },
     "calibrate": {
         "samples": _int_range(10, TRAIN_POOL),
-        "seed": _int_range(0),
-        "method": _choice("MinMax", "Percentile"),
+        "seeds": _SEEDS,
+        "validation": _int_range(0, TRAIN_POOL - 10),
+        "method": _choice("MinMax", "Percentile", "MSE"),
         "percentile": _float_range(90.0, 100.0),
     },
     "quantize": {"dtypes": _DTYPES},

@@ -3,7 +3,9 @@ rounded once to float32, and handed to every quantizer (ONNX Runtime as tensor q
 overrides, PyTorch as fixed observers, AdaRound for its fake-quantized layer inputs).
 
 The rule: MinMax takes the smallest and largest value; Percentile takes the (100 - p) and p
-percentiles of all values (linear interpolation between order statistics). Both widen the range
+percentiles of all values (linear interpolation between order statistics); MSE takes, per
+tensor, the shrunk [min, max] range whose 8-bit quantization of the values has the smallest
+squared error (mse_range). Both widen the range
 to include 0, as every quantizer does.
 """
 from __future__ import annotations
@@ -46,10 +48,37 @@ def compute(model: str | Path, images: np.ndarray, method: str, percentile: floa
             low, high = values.min(), values.max()
         elif method == "Percentile":
             low, high = np.percentile(values, [100.0 - percentile, percentile])
+        elif method == "MSE":
+            low, high = mse_range(values)
         else:
-            raise PipelineError(f"unknown calibration method '{method}' (expected MinMax or Percentile)")
+            raise PipelineError(f"unknown calibration method '{method}' (expected MinMax, Percentile or MSE)")
         ranges[name] = Range(float(np.float32(min(low, 0.0))), float(np.float32(max(high, 0.0))))
     return ranges
+
+
+MSE_BINS = 8192
+MSE_SHRINK = np.geomspace(0.02, 1.0, 400)  # candidate ranges: [a * min, a * max]
+
+
+def mse_range(values: np.ndarray, levels: int = 256) -> tuple[float, float]:
+    """The range [a * min, a * max] (min <= 0 <= max) whose `levels`-level uniform quantization of
+    `values` has the smallest mean squared error, searched over MSE_SHRINK on a fine histogram
+    (values clipped by a range count their clipping error too). The largest such a wins ties."""
+    low, high = min(float(values.min()), 0.0), max(float(values.max()), 0.0)
+    if high - low <= 0:
+        return low, high
+    counts, edges = np.histogram(values, bins=MSE_BINS, range=(low, high))
+    centres = (edges[:-1] + edges[1:]) / 2
+    best, chosen = np.inf, 1.0
+    for shrink in MSE_SHRINK[::-1]:
+        lo, hi = shrink * low, shrink * high
+        scale = (hi - lo) / (levels - 1)
+        zero = np.round(-lo / scale)
+        quantized = (np.clip(np.round(centres / scale) + zero, 0, levels - 1) - zero) * scale
+        error = float(np.dot(counts, (centres - quantized) ** 2))
+        if error < best * (1 - 1e-9):
+            best, chosen = error, shrink
+    return chosen * low, chosen * high
 
 
 def save(path: Path, ranges: dict[str, Range], settings: dict) -> None:
@@ -70,3 +99,8 @@ def ort_overrides(ranges: dict[str, Range]) -> dict[str, list[dict]]:
     """ONNX Runtime's TensorQuantOverrides: the quantizer computes scale and zero point from these."""
     return {name: [{"rmin": np.array(r.low, np.float32), "rmax": np.array(r.high, np.float32)}]
             for name, r in ranges.items()}
+
+
+def seed_file(directory: str | Path, seed: int) -> Path:
+    """The ranges of one calibration seed inside the activation_ranges output directory."""
+    return Path(directory) / f"seed_{seed}.json"  # as calibration.seed_file

@@ -156,6 +156,19 @@ def quantize(float_model: torch.fx.GraphModule, onnx_graph, ranges: dict, dtype:
     return convert_pt2e(prepared), fixed
 
 
+def quantize_graph(onnx_path, ranges: dict, dtype: str, per_channel: bool, example: np.ndarray):
+    """PT2E-quantize an ONNX graph (a seed's AdaRound graph) with fixed activation `ranges`.
+    Returns (the quantize / dequantize graph, activation ranges set, layers on AdaRound's grid);
+    `example` images serve only for export and the weight observers' one pass."""
+    import onnx
+
+    from .torch_models import exportable, from_onnx
+
+    float_model = exportable(from_onnx(onnx_path))
+    converted, fixed = quantize(float_model, onnx.load(str(onnx_path)).graph, ranges, dtype, per_channel, example)
+    return converted, fixed, weights_on_grid(converted, float_model, dtype)
+
+
 def weights_on_grid(converted: torch.fx.GraphModule, float_model: torch.fx.GraphModule, dtype: str) -> int:
     """Check that each per-channel int8 weight of the quantized graph is a nearest integer of the
     float weight divided by its scale (the quantizer stored the weights given, nothing else), and

@@ -1,0 +1,152 @@
+"""Benchmark of the pipeline's wall time: prints figures, asserts nothing (not a test).
+
+    ./run.sh python -m benchmark.pipeline [--sweep] [--keep DIR]
+
+In a scratch copy of this checkout (git-tracked files only; the model from $RESNET8_MIRROR, the
+npm tarball from npm's cache):
+  1. `dvc repro` of the fetch stages (not timed: downloads are excluded from the targets);
+  2. `dvc repro -f` of everything else, stage by stage from the time each "Running stage" line
+     appears: the full run with the default calibration seeds;
+  3. no-op `dvc repro`, median of 5;
+  4. `dvc exp run -S calibrate.percentile=99.98`: a one-parameter experiment that re-runs the
+     quantize path only;
+  5. with --sweep: 4 queued experiments run with `dvc queue start -j 1`, then with `-j 2` and
+     RESNET8_PARALLEL_STAGES=2 (the thread budget): same results, and the wall time of each.
+Targets (issue 12): 2. <= 240 s on 2 cores, 4. <= 60 s, 3. <= 2 s, 5. -j 2 no slower than -j 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FETCH = ["fetch_model@keras", "fetch_model@mlperf_int8", "fetch_cifar10"]
+TARGETS = {"full": 240.0, "experiment": 60.0, "noop": 2.0}
+
+
+def machine() -> str:
+    flags = open("/proc/cpuinfo").read()
+    model = re.search(r"model name\s*:\s*(.*)", flags)
+    kinds = sorted(set(re.findall(r"\b(avx512_vnni|avx512f|amx_tile|avx2)\b", flags)))
+    return (f"{model.group(1) if model else platform.processor()}, {len(os.sched_getaffinity(0))} CPUs "
+            f"usable, {' '.join(kinds)}")
+
+
+def env(**extra: str) -> dict:
+    out = dict(os.environ, PYTHONUNBUFFERED="1", DVC_NO_ANALYTICS="1")
+    out["PATH"] = str(Path(sys.executable).parent) + os.pathsep + out["PATH"]
+    out.update(extra)
+    return out
+
+
+def run(project: Path, *command: str, **extra: str) -> tuple[float, str]:
+    start = time.monotonic()
+    result = subprocess.run(command, cwd=project, env=env(**extra), capture_output=True, text=True)
+    took = time.monotonic() - start
+    if result.returncode != 0:
+        sys.exit(f"benchmark: {' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return took, result.stdout + result.stderr
+
+
+def timed_repro(project: Path, *args: str) -> tuple[float, dict[str, float]]:
+    """`dvc repro ARGS`, with each stage's wall time from the moments its "Running stage" line appears."""
+    start = time.monotonic()
+    proc = subprocess.Popen(["dvc", "repro", *args], cwd=project, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    marks, lines = [], []
+    for line in proc.stdout:
+        lines.append(line)
+        found = re.search(r"Running stage '([^']+)'", line)
+        if found:
+            marks.append((found.group(1), time.monotonic()))
+    if proc.wait() != 0:
+        sys.exit("benchmark: dvc repro failed:\n" + "".join(lines[-60:]))
+    end = time.monotonic()
+    stages = {name: (marks[i + 1][1] if i + 1 < len(marks) else end) - at for i, (name, at) in enumerate(marks)}
+    return end - start, stages
+
+
+def scratch_copy(destination: Path) -> Path:
+    project = destination / "project"
+    listed = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for name in listed:
+        if (REPO / name).is_file() and not name.startswith("metrics/"):
+            (project / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, project / name)
+    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
+    for command in (["git", "init", "-q"], [*git, "add", "-A"], [*git, "commit", "-qm", "snapshot"]):
+        subprocess.run(command, cwd=project, check=True, capture_output=True)
+    return project
+
+
+def sweep(project: Path, jobs: int) -> tuple[float, dict]:
+    values = ["99.9", "99.95", "99.98", "99.995"]
+    run(project, "dvc", "exp", "remove", "--all-commits", "-q")
+    run(project, "dvc", "exp", "run", "--queue", "-S", "calibrate.percentile=" + ",".join(values))
+    extra = {"RESNET8_PARALLEL_STAGES": str(jobs)}
+    start = time.monotonic()
+    run(project, "dvc", "queue", "start", "-j", str(jobs), **extra)
+    while True:
+        _, status = run(project, "dvc", "queue", "status")
+        if not re.search(r"\b(Queued|Running)\b", status):
+            break
+        time.sleep(2)
+    took = time.monotonic() - start
+    _, shown = run(project, "dvc", "exp", "show", "--json")
+    results = {}
+    for commit in json.loads(shown):
+        for exp in commit.get("experiments") or []:
+            for revision in exp.get("revs", []):
+                data = revision.get("data", {})
+                percentile = data.get("params", {}).get("params.yaml", {}).get("data", {}).get("calibrate", {}).get("percentile")
+                summary = data.get("metrics", {}).get("metrics/summary.json", {}).get("data", {})
+                if summary:
+                    results[str(percentile)] = {v: s.get("accuracy") for v, s in summary.items()}
+    return took, results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="also time a 4-experiment queue at -j 1 and -j 2")
+    parser.add_argument("--keep", type=Path, help="work in this directory and keep it")
+    args = parser.parse_args()
+    work = args.keep or Path(tempfile.mkdtemp(prefix="resnet8-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"machine: {machine()}")
+    project = scratch_copy(work)
+    fetch, _ = run(project, "dvc", "repro", *FETCH)
+    print(f"fetch stages (not counted): {fetch:.1f} s")
+    total, stages = timed_repro(project, "-f")
+    counted = total - sum(t for name, t in stages.items() if name in FETCH)
+    print(f"full dvc repro -f, {len(stages)} stages: {total:.1f} s; without the fetch "
+          f"stages {counted:.1f} s (target <= {TARGETS['full']:.0f} s)")
+    for name, took in sorted(stages.items(), key=lambda item: -item[1]):
+        print(f"  {name:<36} {took:6.1f} s")
+    noop = statistics.median(run(project, "dvc", "repro")[0] for _ in range(5))
+    print(f"no-op dvc repro, median of 5: {noop:.2f} s (target <= {TARGETS['noop']:.0f} s)")
+    experiment, output = run(project, "dvc", "exp", "run", "-S", "calibrate.percentile=99.98")
+    ran = sorted(set(re.findall(r"Running stage '([^']+)'", output)))
+    print(f"one-parameter experiment (calibrate.percentile): {experiment:.1f} s, {len(ran)} stages re-run "
+          f"(target <= {TARGETS['experiment']:.0f} s)")
+    if args.sweep:
+        one, first = sweep(project, 1)
+        two, second = sweep(project, 2)
+        same = first == second and len(first) == 4
+        print(f"4-experiment sweep: -j 1 {one:.1f} s, -j 2 (RESNET8_PARALLEL_STAGES=2) {two:.1f} s; "
+              f"same accuracies: {'yes' if same else 'NO'}")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
