@@ -5,9 +5,11 @@
         --report reports/quantization.md
 
 metrics/summary.json has one entry per variant (accuracy, delta in points against its float
-parent, argmax agreement with it, size and size ratio, execution kind), laid out so that
-`dvc metrics diff` prints one line per variant and number. The Markdown report holds the
-comparison table and the per-class accuracy deltas. Everything is read from the metrics files.
+parent, argmax agreement with it, size and size ratio, execution kind; for a quantized variant
+the mean over calibration seeds, with std, min, max, the bootstrap interval of the delta and the
+smallest McNemar p-value), laid out so that `dvc metrics diff` prints one line per variant and
+number. The Markdown report holds the comparison table, the per-seed table, the per-class
+accuracy deltas and the per-layer error. Everything is read from the metrics files.
 """
 from __future__ import annotations
 

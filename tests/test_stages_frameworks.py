@@ -433,6 +433,13 @@ def test_the_quantize_chain_gives_the_same_bytes_and_labels_on_an_avx2_cpu(tiny,
                  "metrics/eval/onnx.json", "data/predictions/onnx.npy"):
         (project / name).parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if (tiny / name).is_dir() else shutil.copy)(tiny / name, project / name)
+    # the first seed only (emulation is slow): each seed's models are built on their own, so seed 0's
+    # must come out the same as in the two-seed run
+    import yaml
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["calibrate"]["seeds"] = SEEDS[:1]
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     folded = "models/onnx_folded/resnet8.onnx"
     run_on_avx2("stages.fold_batchnorm", "--onnx", FLOAT_MODEL["onnx"], "--data", "data/cifar10", "--out", folded,
                 "--metrics", "metrics/fold_batchnorm.json", cwd=project)
@@ -453,12 +460,12 @@ def test_the_quantize_chain_gives_the_same_bytes_and_labels_on_an_avx2_cpu(tiny,
                         "--confusion", f"plots/confusion/{variant}.csv", "--parent", PARENT[backend],
                         "--parent-metrics", f"metrics/eval/{PARENT[backend]}.json",
                         "--parent-predictions", f"data/predictions/{PARENT[backend]}.npy", cwd=project)
-    artifacts = [folded, *QUANTIZE_ARTIFACTS]
+    artifacts = [folded, *(name for name in QUANTIZE_ARTIFACTS if "seed_0" in name)]
     differ = [name for name in artifacts if (project / name).read_bytes() != (tiny / name).read_bytes()]
     assert not differ, f"on the AVX2 CPU these differ: {differ}"
     for variant in QUANTIZED:  # the integer kernels answer the same on both
-        assert (np.load(project / f"data/predictions/{variant}.npy")
-                == np.load(tiny / f"data/predictions/{variant}.npy")).all(), variant
+        assert (np.load(project / f"data/predictions/{variant}.npy")[0]
+                == np.load(tiny / f"data/predictions/{variant}.npy")[0]).all(), variant
         assert read(project, f"metrics/eval/{variant}.json")["execution"] == read(tiny, f"metrics/eval/{variant}.json")["execution"]
 
 
