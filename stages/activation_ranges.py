@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .lib import params as params_lib
 from .lib import ranges
-from .lib.calibration import CalibrationSet, seed_dir
+from .lib.calibration import CalibrationSet, seed_dir, seed_file
 from .lib.errors import run_main
 from .lib.files import atomic_path
 
@@ -32,7 +32,7 @@ def main() -> None:
         for seed in p["seeds"]:
             images = CalibrationSet.load(seed_dir(args.calibration, seed)).images
             found = ranges.compute(args.model, images, p["method"], p["percentile"])
-            ranges.save(ranges.seed_file(tmp, seed), found,
+            ranges.save(seed_file(tmp, seed, ".json"), found,
                         {"seed": seed, "method": p["method"], "percentile": p["percentile"], "images": len(images)})
     print(f"activation_ranges: {len(found)} tensors x {len(p['seeds'])} seeds, {p['method']} "
           f"on {len(images)} calibration images each (float64)")

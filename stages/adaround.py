@@ -50,7 +50,7 @@ def main() -> None:
             from .lib.torch_models import from_onnx
 
             model = from_onnx(args.model)
-            input_ranges = [adaround.input_ranges(args.model, model, ranges_lib.load(ranges_lib.seed_file(args.ranges, s)))
+            input_ranges = [adaround.input_ranges(args.model, model, ranges_lib.load(seed_file(args.ranges, s, ".json")))
                             if p["quantized_inputs"] else None for s in seeds]
             # one draw at a time: batching the draws saves 5% of the time for 4x the memory
             # (9.2 GB for five draws of 2,000 images); each draw's result is the same either way

@@ -49,12 +49,12 @@ def main() -> None:
         import onnx
 
         from .lib.torch_models import exportable, from_onnx
-        from .lib.torch_quant import quantize_graph
+        from .lib.torch_quant import EXPORT_EXAMPLES, quantize_graph
 
         saved = read_json(seed_dir(args.quantized, seed) / "info.json")
-        ranges = ranges_lib.load(ranges_lib.seed_file(args.ranges, seed))
+        ranges = ranges_lib.load(seed_file(args.ranges, seed, ".json"))
         converted, fixed, on_grid = quantize_graph(seed_file(args.adaround, seed, ".onnx"), ranges, dtype,
-                                                   all_params["quantize_torch"]["per_channel"], images[:8])
+                                                   all_params["quantize_torch"]["per_channel"], images[:EXPORT_EXAMPLES])
         if (fixed, on_grid) != (saved["activation_ranges_set"], saved["weights_on_adaround_grid"]):
             raise PipelineError(f"{args.quantized}: the rebuilt {args.variant} graph differs from the saved model "
                                 "(re-run quantize_torch)")

@@ -101,7 +101,7 @@ def main() -> None:
     with atomic_path(args.out, directory=True) as tmp:
         for seed in seeds_of(all_params):
             calibration = CalibrationSet.load(seed_dir(args.calibration, seed))
-            ranges = ranges_lib.load(ranges_lib.seed_file(args.ranges, seed))
+            ranges = ranges_lib.load(seed_file(args.ranges, seed, ".json"))
             out = seed_dir(tmp, seed)
             out.mkdir()
             quantize(seed_file(args.model, seed, ".onnx"), out / "model.onnx", args.dtype, calibration, ranges, p)

@@ -27,10 +27,9 @@ from .lib.files import atomic_path
 from .lib.quant_checks import require_integer_execution
 from .lib.runners import EXECUTORCH_BATCH, ONEDNN_ISA
 from .lib.torch_models import export, save_program, used_attributes_only
-from .lib.torch_quant import QUANTIZER_NAMES, quantize_graph, to_executorch
+from .lib.torch_quant import EXPORT_EXAMPLES, QUANTIZER_NAMES, quantize_graph, to_executorch
 
 WEIGHTED_LAYERS = 10  # ResNet8: 9 Conv + 1 Dense
-EXAMPLES = 8  # calibration images used as export examples
 MODEL_FILE = {"uint8": "model.pt2", "int8": "model.pte"}
 KIND = {"uint8": "torch_x86", "int8": "executorch"}
 RUNS_ON = {"uint8": f"oneDNN int8 kernels through torchao's x86 lowering, pinned to the {ONEDNN_ISA} ISA",
@@ -52,14 +51,15 @@ def main() -> None:
     with atomic_path(args.out, directory=True) as tmp:
         for seed in seeds_of(all_params):
             images = CalibrationSet.load(seed_dir(args.calibration, seed)).images
-            ranges = ranges_lib.load(ranges_lib.seed_file(args.ranges, seed))
+            ranges = ranges_lib.load(seed_file(args.ranges, seed, ".json"))
             converted, fixed, on_grid = quantize_graph(seed_file(args.model, seed, ".onnx"), ranges, args.dtype,
-                                                      p["per_channel"], images[:EXAMPLES])
+                                                      p["per_channel"], images[:EXPORT_EXAMPLES])
             out = seed_dir(tmp, seed)
             out.mkdir()
             model = out / MODEL_FILE[args.dtype]
             if args.dtype == "uint8":
-                save_program(export(used_attributes_only(converted), images[:EXAMPLES]), model, images[EXAMPLES:2 * EXAMPLES])
+                save_program(export(used_attributes_only(converted), images[:EXPORT_EXAMPLES]), model,
+                             images[EXPORT_EXAMPLES:2 * EXPORT_EXAMPLES])
             else:
                 model.write_bytes(to_executorch(converted, images[:EXECUTORCH_BATCH]))
             runs = execution.measure(KIND[args.dtype], model)

@@ -100,7 +100,3 @@ def ort_overrides(ranges: dict[str, Range]) -> dict[str, list[dict]]:
     return {name: [{"rmin": np.array(r.low, np.float32), "rmax": np.array(r.high, np.float32)}]
             for name, r in ranges.items()}
 
-
-def seed_file(directory: str | Path, seed: int) -> Path:
-    """The ranges of one calibration seed inside the activation_ranges output directory."""
-    return Path(directory) / f"seed_{seed}.json"  # as calibration.seed_file

@@ -29,6 +29,7 @@ QUANTIZER_NAMES = {"uint8": "X86InductorQuantizer", "int8": "XNNPACKQuantizer"}
 # 8-bit input. With a 7-bit input: 0.9894 agreement with float on held-out training images; with
 # every activation 7 bits (torchao's reduce_range): 0.9878. So only the input is narrowed.
 INPUT_QUANT_MAX = {"uint8": 127}
+EXPORT_EXAMPLES = 8  # images given to torch.export as examples (and the weight observers' one pass)
 
 
 def quantizer(dtype: str, per_channel: bool):
