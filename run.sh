@@ -18,7 +18,8 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r requirements.txt
   echo "$want" > "$stamp"
 fi
-export PATH="$PWD/$venv/bin:$PATH"
+venv="$(cd "$venv" && pwd)"  # absolute: VENV may be given either way
+export PATH="$venv/bin:$PATH"
 if [ -n "${RESNET8_MIRROR:-}" ]; then
   RESNET8_MIRROR="$(cd "$RESNET8_MIRROR" && pwd)"  # absolute, for stages run from copies
   export RESNET8_MIRROR
@@ -27,9 +28,11 @@ fi
 command="${1:-repro}"
 shift || true
 case "$command" in
-  repro) exec dvc repro "$@" ;;
+  repro) python -m stages.lib.lockfile_guard && exec dvc repro "$@" ;;
   test) exec python -m pytest "$@" ;;
-  dvc) exec dvc "$@" ;;
+  dvc)
+    case "${1:-}" in repro|exp) python -m stages.lib.lockfile_guard ;; esac  # a killed run's dvc.lock
+    exec dvc "$@" ;;
   python) exec python "$@" ;;
   plots)
     dvc plots show "$@"

@@ -621,8 +621,8 @@ def dvc(project: Path, *args: str, check: bool = True) -> subprocess.CompletedPr
     return result
 
 
-def dvc_env() -> dict:
-    return stage_env(PYTHONUNBUFFERED="1", DVC_NO_ANALYTICS="1")
+def dvc_env(**extra: str) -> dict:
+    return stage_env(PYTHONUNBUFFERED="1", DVC_NO_ANALYTICS="1", **extra)
 
 
 def kill_dvc_repro(project: Path, pattern: str, delay: float, log: Path, group: bool = True,
@@ -655,8 +655,19 @@ def kill_dvc_repro(project: Path, pattern: str, delay: float, log: Path, group: 
     return returncode == -signal.SIGKILL, "".join(seen)
 
 
-def test_sigkill_of_dvc_repro_then_repro_succeeds_and_status_is_clean(base, tmp_path):
-    project = tmp_path / "dvcproject"
+def run_sh(project: Path, *args: str) -> subprocess.CompletedProcess:
+    """The README's `./run.sh ARGS` in `project` (run.sh copied in, this test run's virtualenv)."""
+    for name in ("run.sh", "requirements.txt"):
+        if not (project / name).exists():
+            shutil.copy2(REPO / name, project / name)
+    return subprocess.run(["bash", str(project / "run.sh"), *args], cwd=project,
+                          env=dvc_env(VENV=str(Path(sys.executable).parent.parent)),
+                          capture_output=True, text=True, timeout=600)
+
+
+def dvc_project(base: Path, project: Path) -> list[str]:
+    """A DVC project in `project` (calibrate -> quantize_ort -> evaluate on the tiny model), run
+    once; returns its outputs."""
     project.mkdir()
     write_params(project)
     for path in (DATA, PLAIN, RANGES):
@@ -666,9 +677,18 @@ def test_sigkill_of_dvc_repro_then_repro_succeeds_and_status_is_clean(base, tmp_
     quantize = " ".join(quantize_args("int8", PLAIN, "models/ort_int8"))
     evaluate = " ".join(evaluate_args("ort_int8", "onnx", "models/ort_int8/seed_0/model.onnx"))
     (project / "dvc.yaml").write_text(DVC_YAML.format(quantize=quantize, evaluate=evaluate))
-    outputs = [CALIBRATION, *quantize_outputs("models/ort_int8"), *evaluate_outputs("ort_int8")]
     dvc(project, "init", "--no-scm", "-q")
-    dvc(project, "repro")
+    first = run_sh(project, "repro")
+    assert first.returncode == 0, f"./run.sh repro failed:\n{first.stdout[-3000:]}\n{first.stderr[-3000:]}"
+    return [CALIBRATION, *quantize_outputs("models/ort_int8"), *evaluate_outputs("ort_int8")]
+
+
+def test_sigkill_of_dvc_repro_then_repro_succeeds_and_status_is_clean(base, tmp_path):
+    """Each kill is followed by the README's `./run.sh repro`. A kill can land while DVC rewrites
+    dvc.lock in place (DVC does not write it atomically); run.sh then restores the copy it kept
+    (stages/lib/lockfile_guard.py, tested on its own below)."""
+    project = tmp_path / "dvcproject"
+    outputs = dvc_project(base, project)
     reference = snapshot(project, outputs)
     assert all(reference.values())
 
@@ -701,9 +721,9 @@ def test_sigkill_of_dvc_repro_then_repro_succeeds_and_status_is_clean(base, tmp_
             write_params(project, edits)
             killed, printed = kill_dvc_repro(project, pattern, delay, tmp_path / f"dvc_kill{i}.log", group, force)
             assert killed, f"{fault}: dvc repro ended before the kill point:\n{printed}"
-            rerun = dvc(project, "repro", check=False)
+            rerun = run_sh(project, "repro")
             assert rerun.returncode == 0, \
-                f"{fault}: dvc repro after the kill failed:\n{rerun.stdout[-3000:]}\n{rerun.stderr[-3000:]}"
+                f"{fault}: ./run.sh repro after the kill failed:\n{rerun.stdout[-3000:]}\n{rerun.stderr[-3000:]}"
             status = dvc(project, "status")
             assert "Data and pipelines are up to date" in status.stdout, f"{fault}: {status.stdout}"
             now = snapshot(project, outputs)
@@ -712,9 +732,73 @@ def test_sigkill_of_dvc_repro_then_repro_succeeds_and_status_is_clean(base, tmp_
             assert not wrong, f"{fault}: after the rerun these differ from an uninterrupted run: {wrong}"
             ran = re.findall(r"Running stage '([^']+)'", rerun.stdout)
             cached = re.findall(r"Stage '([^']+)' is cached", rerun.stdout)
-            record(fault, "dvc repro", f"then `dvc repro` ok: ran {', '.join(ran) or 'nothing'}"
+            restored = "dvc.lock was unreadable" in rerun.stderr
+            record(fault, "dvc repro", ("dvc.lock cut short, run.sh restored its copy; " if restored else "")
+                   + f"then `./run.sh repro` ok: ran {', '.join(ran) or 'nothing'}"
                    + (f"; restored {', '.join(cached)} from cache" if cached else "")
                    + "; status clean; outputs = uninterrupted run's")
+
+
+@pytest.mark.parametrize("cut", [0, 10], ids=["lock emptied", "lock cut after 10 bytes"])
+def test_a_dvc_lock_cut_short_by_a_kill_is_restored_by_run_sh(base, tmp_path, cut):
+    """The moment the SIGKILL test above can only hit by chance, made exact: a `dvc repro` with new
+    parameters ran, and was killed while DVC rewrote dvc.lock (DVC opens it for writing, which
+    empties it, then dumps). DVC then refuses to work; `./run.sh repro` restores the lock it
+    copied before that run, and DVC re-runs or restores what changed."""
+    project = tmp_path / "dvcproject"
+    outputs = dvc_project(base, project)
+    write_params(project, {"calibrate": {"samples": 90}, "quantize_ort": {"symmetric_activations": True}})
+    done = run_sh(project, "repro")  # copies the lock from before it, then runs the new parameters
+    assert done.returncode == 0, done.stderr[-3000:]
+    uninterrupted = snapshot(project, outputs)
+    lock = project / "dvc.lock"
+    lock.write_bytes(lock.read_bytes()[:cut])
+    broken = dvc(project, "status", check=False)
+    assert broken.returncode != 0 and "dvc.lock" in broken.stderr, broken.stderr[-2000:]
+
+    rerun = run_sh(project, "repro")
+    assert rerun.returncode == 0, f"{rerun.stdout[-3000:]}\n{rerun.stderr[-3000:]}"
+    said = [line for line in rerun.stderr.splitlines() if "dvc.lock was unreadable" in line]
+    assert len(said) == 1 and "restored" in said[0], rerun.stderr[-2000:]
+    assert "Data and pipelines are up to date" in dvc(project, "status").stdout
+    assert snapshot(project, outputs) == uninterrupted
+    ran = re.findall(r"Running stage '([^']+)'", rerun.stdout)
+    cached = re.findall(r"Stage '([^']+)' is cached", rerun.stdout)
+    record(f"dvc.lock cut to {cut} bytes (kill while DVC writes it)", "./run.sh repro",
+           f"copy restored; ran {', '.join(ran) or 'nothing'}"
+           + (f"; restored {', '.join(cached)} from cache" if cached else "") + "; outputs = uninterrupted run's")
+
+
+def test_a_dvc_rwlock_cut_short_by_a_kill_is_cleared_by_run_sh(base, tmp_path):
+    """DVC rewrites .dvc/tmp/rwlock in place around every stage too; a kill there (seen in the
+    SIGKILL test above) leaves it empty, and DVC refuses to run until it is removed."""
+    project = tmp_path / "dvcproject"
+    outputs = dvc_project(base, project)
+    reference = snapshot(project, outputs)
+    (project / ".dvc" / "tmp" / "rwlock").write_text("")
+    broken = dvc(project, "repro", "--force", check=False)
+    assert broken.returncode != 0 and "RWLock" in broken.stderr, broken.stderr[-2000:]
+    rerun = run_sh(project, "repro")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert sum("rwlock was unreadable" in line for line in rerun.stderr.splitlines()) == 1, rerun.stderr
+    assert "Data and pipelines are up to date" in dvc(project, "status").stdout
+    assert snapshot(project, outputs) == reference
+    record(".dvc/tmp/rwlock emptied (kill while DVC writes it)", "./run.sh repro", "removed; repro ok; status clean")
+
+
+def test_a_cut_dvc_lock_without_a_kept_copy_is_one_error_line(base, tmp_path):
+    project = tmp_path / "dvcproject"
+    dvc_project(base, project)
+    (project / ".dvc" / "tmp" / "dvc.lock.good").unlink(missing_ok=True)  # e.g. dvc repro run by hand only
+    lock = project / "dvc.lock"
+    lock.write_bytes(b"")
+    result = run_sh(project, "repro")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: dvc.lock is unreadable"), result.stderr
+    assert "git checkout dvc.lock" in lines[0]
+    assert lock.read_bytes() == b""  # nothing written
+    record("dvc.lock cut, no copy kept", "./run.sh repro", "one error line naming dvc.lock and git checkout")
 
 
 class StaleTempBreaksDvcPlots(AssertionError):
