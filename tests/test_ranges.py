@@ -1,7 +1,8 @@
-"""lib/ranges.py's range rules that need no model: the MSE search."""
+"""lib/ranges.py's range rules that need no model (the MSE search), and lib/reference.py's fast ops."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from stages.lib import ranges
 
@@ -35,3 +36,40 @@ def test_mse_of_signed_values_keeps_zero_inside():
 
 def test_mse_of_a_constant_tensor():
     assert ranges.mse_range(np.zeros(10)) == (0.0, 0.0)
+
+
+def _conv_pool_graph(pads, strides, kernel, group=1):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    weight = rng.standard_normal((4, 6 // group, *kernel))
+    bias = rng.standard_normal(4)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=pads, strides=strides, kernel_shape=kernel,
+                              group=group),
+             helper.make_node("AveragePool", ["y"], ["z"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("AveragePool", ["y"], ["v"], kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, None)],
+                              [helper.make_tensor_value_info(n, TensorProto.DOUBLE, None) for n in ("z", "v")],
+                              [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize("pads, strides, kernel, group", [
+    ([1, 1, 1, 1], [1, 1], [3, 3], 1), ([0, 0, 1, 1], [2, 2], [3, 3], 1), ([0, 0, 0, 0], [2, 2], [1, 1], 1),
+    ([1, 1, 1, 1], [1, 1], [3, 3], 2)])
+def test_fast_conv_and_pool_give_the_reference_evaluators_numbers(pads, strides, kernel, group):
+    """reference.FAST_OPS against ONNX's own reference ops: ResNet8's three conv shapes (the same
+    bits), and a grouped conv and a padded pool (handed to the evaluator's own ops)."""
+    from onnx.reference import ReferenceEvaluator
+
+    from stages.lib import reference
+
+    model = _conv_pool_graph(pads, strides, kernel, group)
+    x = np.random.default_rng(2).standard_normal((20, 6, 16, 16))
+    fast = ReferenceEvaluator(model, new_ops=reference.FAST_OPS).run(None, {"x": x})
+    slow = ReferenceEvaluator(model).run(None, {"x": x})
+    for a, b in zip(fast, slow):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-13)
+    assert not np.array_equal(fast[0], np.zeros_like(fast[0]))
