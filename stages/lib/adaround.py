@@ -195,6 +195,49 @@ class _ChannelsLastConv:
         return grad.view(im2col.o, im2col.kh, im2col.kw, im2col.c).permute(0, 3, 1, 2)
 
 
+class _Gram:
+    """The full-batch gradient: the reconstruction loss over every calibration image at every step,
+    which costs one pass over the images, not one per step. With X the layer's input columns (one
+    per output position and image, M outputs in all), Y its float outputs and b its bias,
+    mse = |W X + b - Y|^2 / M, so d mse / dW = 2 / M * (W G + A) with G = X X^T and
+    A = b (sum of X)^T - Y X^T, both fixed for the layer and summed once (`GROUP_BYTES` of columns at
+    a time)."""
+
+    def __init__(self, module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch: int):
+        weight = module.weight.detach()
+        self.shape = weight.shape
+        bias = None if module.bias is None else module.bias.detach()
+        if isinstance(module, nn.Conv2d):
+            if not _channels_last_conv(module, inputs):
+                raise ValueError(f"adaround: full-batch gradient of {module}: not a plain channels-last float64 conv")
+            im2col = _Columns(module, *inputs.shape[2:], len(inputs))
+            self.to_2d = im2col.weight_2d
+            self.from_2d = lambda g: g.view(im2col.o, im2col.kh, im2col.kw, im2col.c).permute(0, 3, 1, 2)
+            nhwc, wanted = inputs.permute(0, 2, 3, 1), targets.permute(0, 2, 3, 1)
+            parts = [(im2col(nhwc[i:i + im2col.group]), wanted[i:i + im2col.group].reshape(-1, im2col.o))
+                     for i in range(0, len(inputs), im2col.group)]
+            size, outputs = im2col.size, im2col.o
+        else:  # Linear: one column per image
+            self.to_2d, self.from_2d = (lambda w: w), (lambda g: g)
+            parts = [(inputs.reshape(len(inputs), -1), targets.reshape(len(targets), -1))]
+            size, outputs = weight.shape[1], weight.shape[0]
+        self.gram = weight.new_zeros(size, size)
+        self.cross = weight.new_zeros(outputs, size)  # A
+        total = weight.new_zeros(size)
+        count = 0
+        for columns, wanted in parts:
+            self.gram.addmm_(columns.t(), columns)
+            self.cross.addmm_(wanted.t(), columns, alpha=-1)
+            total += columns.sum(0)
+            count += len(columns)
+        if bias is not None:
+            self.cross.add_(torch.outer(bias, total))
+        self.norm = 2. / (count * outputs)
+
+    def gradient(self, pick: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self.from_2d(torch.addmm(self.cross, self.to_2d(weight), self.gram).mul_(self.norm))
+
+
 def _stacked(t: torch.Tensor, count: int) -> torch.Tensor:
     """`count` copies of `t` along a new leading dimension, each laid out in memory like `t`
     (onnx2torch's Dense weight is a transposed view: its copies stay transposed, so that each
@@ -209,8 +252,8 @@ def round_layers(module: nn.Module, inputs: list[torch.Tensor], targets: list[to
     """Optimise the rounding of one layer for several calibration draws at once; returns the float
     weights on the chosen grid points, [draws, *weight.shape].
 
-    Draw d learns to map inputs[d] to targets[d] on mini-batches drawn by a generator seeded with
-    seeds[d]. Scale, floor and the fixed weights depend on the float weight only and are shared;
+    Draw d learns to map inputs[d] to targets[d] on mini-batches of `batch` images drawn by a
+    generator seeded with seeds[d], or (batch 0) on all of them at every step (`_Gram`). Scale, floor and the fixed weights depend on the float weight only and are shared;
     the rounding variable has a leading draw dimension and one Adam optimises it. The loss is the
     sum of the draws' losses (mean squared error + rounding regulariser), so each draw's
     gradient, and Adam's elementwise step, are exactly those of the draw optimised alone."""
@@ -227,11 +270,15 @@ def round_layers(module: nn.Module, inputs: list[torch.Tensor], targets: list[to
     low, high = max(grid.qmin, -int(grid.scale_divisor)), min(grid.qmax, int(grid.scale_divisor))
     optimizer = torch.optim.Adam([v], lr=1e-2)
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-    draws = [(_ChannelsLastConv if _ChannelsLastConv.applies(module, x) else _Autograd)(module, x, y, batch)
-             for x, y in zip(inputs, targets)]
+    if batch == 0:
+        kind = _Gram
+    else:
+        kind = lambda m, x, y, b: (_ChannelsLastConv if _ChannelsLastConv.applies(m, x) else _Autograd)(m, x, y, b)
+    draws = [kind(module, x, y, batch) for x, y in zip(inputs, targets)]
     for step in range(iterations):
         beta = 20 - (20 - 2) * max(0.0, (step / iterations - 0.2) / 0.8)
-        picks = [torch.randint(0, len(x), (batch,), generator=g) for x, g in zip(inputs, generators)]
+        picks = ([None] * len(draws) if batch == 0 else
+                 [torch.randint(0, len(x), (batch,), generator=g) for x, g in zip(inputs, generators)])
         soft = torch.where(fixed, weight, torch.clamp(floor + _soft(v), low, high) * scale)
         # d(reconstruction loss) / d(soft weights), draw by draw, then on through autograd
         grads = torch.stack([draw.gradient(pick, w) for draw, pick, w in zip(draws, picks, soft.detach().unbind(0))])
