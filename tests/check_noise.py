@@ -4,7 +4,8 @@ they are computed from, and print whether they came out identical:
     python -m tests.check_noise FOLDED.onnx CALIBRATION_DIR ITERATIONS
 
 Ranges: stages.lib.ranges.compute with and without noise. AdaRound: both dtypes' rounded weights
-with and without noise (the noisy run also uses the noisy ranges). Noise: each value times
+with and without noise (the noisy run also uses the noisy ranges), with params.yaml's
+adaround.batch. Noise: each value times
 (1 + k * eps), k uniform in [-4, 4], eps = float64's machine epsilon.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.lib import adaround, ranges
+from stages.lib import adaround, params, ranges
 from stages.lib.calibration import CalibrationSet
 from stages.lib.torch_models import from_onnx
 
@@ -28,7 +29,8 @@ def noise(seed: int):
 
 def rounded(model_path: Path, images: np.ndarray, found: dict, dtype: str, iterations: int, perturb) -> dict:
     model = from_onnx(model_path)
-    adaround.adaround(model, images, adaround.GRIDS[dtype], iterations=iterations, seed=0,
+    batch = params.load()["adaround"]["batch"]  # the project's setting: mini-batches or the full batch
+    adaround.adaround(model, images, adaround.GRIDS[dtype], iterations=iterations, batch=batch, seed=0,
                       input_ranges=adaround.input_ranges(model_path, model, found),
                       perturb=perturb)
     return {name: (module.weight.detach().numpy().astype(np.float32), module.bias.detach().numpy().astype(np.float32))

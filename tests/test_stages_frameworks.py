@@ -485,3 +485,11 @@ def test_onnxruntime_models_hold_the_calibrated_ranges_and_a_foreign_range_is_re
     moved = {**ranges, name: ranges_lib.Range(ranges[name].low, ranges[name].high * 1.01)}
     with pytest.raises(PipelineError, match="do not hold the calibrated range"):
         require_calibrated_ranges(model, moved, dtype, symmetric=False)
+
+
+def test_adaround_full_batch_gradient_equals_autograds(project):
+    """adaround.batch = 0 learns from the gradient over all images, computed from each layer's Gram
+    matrix; it must be the gradient autograd gives for the same loss."""
+    errors = json.loads(run_script("check_gram", cwd=project).stdout)
+    assert set(errors) == {"conv_stride2_pad_bias", "conv_no_bias", "linear"}
+    assert all(error < 1e-12 for error in errors.values()), errors

@@ -213,13 +213,14 @@ class _Gram:
             im2col = _Columns(module, *inputs.shape[2:], len(inputs))
             self.to_2d = im2col.weight_2d
             self.from_2d = lambda g: g.view(im2col.o, im2col.kh, im2col.kw, im2col.c).permute(0, 3, 1, 2)
-            nhwc, wanted = inputs.permute(0, 2, 3, 1), targets.permute(0, 2, 3, 1)
-            parts = [(im2col(nhwc[i:i + im2col.group]), wanted[i:i + im2col.group].reshape(-1, im2col.o))
-                     for i in range(0, len(inputs), im2col.group)]
+            nhwc, nhwc_targets = inputs.permute(0, 2, 3, 1), targets.permute(0, 2, 3, 1)
+            # a generator: im2col fills the same buffer at every call, so each group is summed first
+            parts = ((im2col(nhwc[i:i + im2col.group]), nhwc_targets[i:i + im2col.group].reshape(-1, im2col.o))
+                     for i in range(0, len(inputs), im2col.group))
             size, outputs = im2col.size, im2col.o
         else:  # Linear: one column per image
             self.to_2d, self.from_2d = (lambda w: w), (lambda g: g)
-            parts = [(inputs.reshape(len(inputs), -1), targets.reshape(len(targets), -1))]
+            parts = iter([(inputs.reshape(len(inputs), -1), targets.reshape(len(targets), -1))])
             size, outputs = weight.shape[1], weight.shape[0]
         self.gram = weight.new_zeros(size, size)
         self.cross = weight.new_zeros(outputs, size)  # A
