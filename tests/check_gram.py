@@ -41,7 +41,7 @@ if __name__ == "__main__":
     for name, conv in {"conv_stride2_pad_bias": nn.Conv2d(6, 5, 3, stride=2, padding=1),
                        "conv_no_bias": nn.Conv2d(4, 3, 3, padding=1, bias=False)}.items():
         conv = conv.double()
-        x = torch.randn(12, conv.in_channels, 9, 9, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+        x = torch.randn(12, conv.in_channels, 9, 9, dtype=torch.float64)  # NCHW in memory: _Gram lays it out
         y = (conv(x) + 0.1 * torch.randn_like(conv(x))).detach().contiguous(memory_format=torch.channels_last)
         cases[name] = relative_error(conv, x, y)
     linear = nn.Linear(7, 4).double()

@@ -208,8 +208,11 @@ class _Gram:
         self.shape = weight.shape
         bias = None if module.bias is None else module.bias.detach()
         if isinstance(module, nn.Conv2d):
-            if not _channels_last_conv(module, inputs):
-                raise ValueError(f"adaround: full-batch gradient of {module}: not a plain channels-last float64 conv")
+            inputs = inputs.contiguous(memory_format=torch.channels_last)  # same values, NHWC in memory
+            targets = targets.contiguous(memory_format=torch.channels_last)
+            if not (module.groups == 1 and tuple(module.dilation) == (1, 1) and module.padding_mode == "zeros"
+                    and not isinstance(module.padding, str) and inputs.dtype == torch.float64 and inputs.dim() == 4):
+                raise ValueError(f"adaround: no full-batch gradient for {module} (grouped, dilated or not float64)")
             im2col = _Columns(module, *inputs.shape[2:], len(inputs))
             self.to_2d = im2col.weight_2d
             self.from_2d = lambda g: g.view(im2col.o, im2col.kh, im2col.kw, im2col.c).permute(0, 3, 1, 2)
