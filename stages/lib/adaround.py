@@ -15,6 +15,11 @@ the draws' losses), and gives each draw, bit for bit, what `adaround` gives it a
 is `adaround_many` for one draw. Its cost is the float64 arithmetic (the convs' gemms), little
 else: activations are captured in one pass per model rather than one per layer, and the convs
 run as ATen's CPU float64 conv does, without the page faults of its large temporaries.
+
+The pipeline's default (adaround.batch = 0) learns from the full batch: every step's gradient is
+over all calibration images, from each layer's Gram matrix (`_Gram`), so the images are gone
+through once per layer rather than a mini-batch per step (the `batch` argument's default, 32, is
+the mini-batch method).
 """
 from __future__ import annotations
 
@@ -205,7 +210,6 @@ class _Gram:
 
     def __init__(self, module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch: int):
         weight = module.weight.detach()
-        self.shape = weight.shape
         bias = None if module.bias is None else module.bias.detach()
         if isinstance(module, nn.Conv2d):
             inputs = inputs.contiguous(memory_format=torch.channels_last)  # same values, NHWC in memory
@@ -257,8 +261,8 @@ def round_layers(module: nn.Module, inputs: list[torch.Tensor], targets: list[to
     weights on the chosen grid points, [draws, *weight.shape].
 
     Draw d learns to map inputs[d] to targets[d] on mini-batches of `batch` images drawn by a
-    generator seeded with seeds[d], or (batch 0) on all of them at every step (`_Gram`). Scale, floor and the fixed weights depend on the float weight only and are shared;
-    the rounding variable has a leading draw dimension and one Adam optimises it. The loss is the
+    generator seeded with seeds[d], or (batch 0) on all of them at every step (`_Gram`). Scale,
+    floor and the fixed weights depend on the float weight only and are shared; the rounding variable has a leading draw dimension and one Adam optimises it. The loss is the
     sum of the draws' losses (mean squared error + rounding regulariser), so each draw's
     gradient, and Adam's elementwise step, are exactly those of the draw optimised alone."""
     weight = module.weight.detach()
