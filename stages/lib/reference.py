@@ -6,9 +6,9 @@ In float32, CPU kinds (AVX2, AVX-512, AMX kernels) and thread counts give last-b
 and a range or a rounding decision can flip on them; in float64 the same differences are about
 1e-16 relative, nine orders of magnitude below the float32 step that the results are rounded to.
 
-Conv and AveragePool run in `FAST_OPS`: the same arithmetic in float64 with numpy's gemm instead
-of the evaluator's python loops (the model's convs about 2x faster, the same bits here; `check_fast_ops` in the
-tests compares them with the evaluator's own ops).
+Conv and AveragePool run as `FAST_OPS`: the same arithmetic in float64 with numpy's gemm instead
+of the evaluator's python loops (the model's convs about 2x faster, the same bits on ResNet8;
+tests/test_ranges.py compares them with the evaluator's own ops).
 """
 from __future__ import annotations
 
@@ -87,14 +87,13 @@ def float64_model(path: str | Path):
     return model
 
 
-def activations(path: str | Path, images: np.ndarray, batch_size: int = BATCH_SIZE,
-                fast: bool = True) -> Iterator[dict[str, np.ndarray]]:
+def activations(path: str | Path, images: np.ndarray, batch_size: int = BATCH_SIZE) -> Iterator[dict[str, np.ndarray]]:
     """Per batch of `images` (uint8 or float NHWC): {tensor name: float64 value} for the graph
-    input and every node output (`fast`: with FAST_OPS)."""
+    input and every node output."""
     from onnx.reference import ReferenceEvaluator
 
     model = float64_model(path)
-    evaluator = ReferenceEvaluator(model, new_ops=FAST_OPS if fast else None)
+    evaluator = ReferenceEvaluator(model, new_ops=FAST_OPS)
     input_name = model.graph.input[0].name
     produced = [name for node in model.graph.node for name in node.output]
     for start in range(0, len(images), batch_size):
