@@ -1,6 +1,7 @@
 """Benchmark of the pipeline's wall time: prints figures, asserts nothing (not a test).
 
     ./run.sh python -m benchmark.pipeline [--sweep] [--keep DIR]
+    ./run.sh python -m benchmark.pipeline --sweep-only [--sweep-seeds N] [--cache DIR]
 
 In a scratch copy of this checkout (git-tracked files only; the model from $RESNET8_MIRROR, the
 npm tarball from npm's cache):
@@ -13,6 +14,10 @@ npm tarball from npm's cache):
   5. with --sweep: 4 queued experiments run with `dvc queue start -j 1`, then with `-j 2` and
      RESNET8_PARALLEL_STAGES=2 (the thread budget): same results, and the wall time of each.
 Targets (issue 12): 2. <= 240 s on 2 cores, 4. <= 60 s, 3. <= 2 s, 5. -j 2 no slower than -j 1.
+--sweep-only runs 5 alone; --sweep-seeds N gives the sweep's experiments the first N calibration
+seeds (a shorter sweep); --cache DIR starts each sweep from a hard-linked copy of that DVC cache (e.g. this
+checkout's .dvc/cache), so that the stages the experiments do not change are restored from its run
+cache instead of re-run, and neither sweep can restore what the other computed.
 """
 from __future__ import annotations
 
@@ -76,21 +81,37 @@ def timed_repro(project: Path, *args: str) -> tuple[float, dict[str, float]]:
     return end - start, stages
 
 
-def scratch_copy(destination: Path) -> Path:
+def scratch_copy(destination: Path, seeds: int | None = None) -> Path:
     project = destination / "project"
     listed = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     for name in listed:
         if (REPO / name).is_file() and not name.startswith("metrics/"):
             (project / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, project / name)
+    if seeds is not None:
+        import yaml
+
+        params = yaml.safe_load((project / "params.yaml").read_text())
+        params["calibrate"]["seeds"] = params["calibrate"]["seeds"][:seeds]
+        (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
     for command in (["git", "init", "-q"], [*git, "add", "-A"], [*git, "commit", "-qm", "snapshot"]):
         subprocess.run(command, cwd=project, check=True, capture_output=True)
     return project
 
 
+def use_cache_copy(project: Path, source: Path, name: str) -> None:
+    """Give `project` a hard-linked copy of the DVC cache `source` (its run cache included): each
+    sweep starts from the same cache, and what one sweep adds cannot serve the other."""
+    copy = project.parent / name
+    shutil.rmtree(copy, ignore_errors=True)
+    subprocess.run(["cp", "-al", str(source.resolve()), str(copy)], check=True)
+    subprocess.run(["dvc", "cache", "dir", "--local", str(copy)], cwd=project, env=env(), check=True,
+                   capture_output=True)
+
+
 def sweep(project: Path, jobs: int) -> tuple[float, dict]:
-    values = ["99.9", "99.95", "99.98", "99.995"]
+    values = ["99.91", "99.93", "99.97", "99.993"]  # values no earlier run has cached
     run(project, "dvc", "exp", "remove", "--all-commits", "-q")
     run(project, "dvc", "exp", "run", "--queue", "-S", "calibrate.percentile=" + ",".join(values))
     extra = {"RESNET8_PARALLEL_STAGES": str(jobs)}
@@ -115,15 +136,39 @@ def sweep(project: Path, jobs: int) -> tuple[float, dict]:
     return took, results
 
 
+def print_sweep(project: Path, seeds: int | None, cache: Path | None) -> None:
+    if cache is not None:
+        use_cache_copy(project, cache, "cache-j1")
+    one, first = sweep(project, 1)
+    print(f"4-experiment sweep, -j 1: {one:.1f} s", flush=True)
+    if cache is not None:
+        use_cache_copy(project, cache, "cache-j2")
+    two, second = sweep(project, 2)
+    same = first == second and len(first) == 4
+    print(f"4-experiment sweep ({'all' if seeds is None else seeds} calibration seed(s) each): -j 1 {one:.1f} s, "
+          f"-j 2 (RESNET8_PARALLEL_STAGES=2) {two:.1f} s; same accuracies: {'yes' if same else 'NO'}")
+    for value in sorted(first):
+        print(f"  percentile {value}: -j 1 {first[value]}")
+        print(f"  {'':15} -j 2 {second.get(value)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also time a 4-experiment queue at -j 1 and -j 2")
+    parser.add_argument("--sweep-only", action="store_true", help="time the sweep alone")
+    parser.add_argument("--sweep-seeds", type=int, help="the sweep's experiments use the first N calibration seeds")
+    parser.add_argument("--cache", type=Path, help="share this DVC cache (and its run cache)")
     parser.add_argument("--keep", type=Path, help="work in this directory and keep it")
     args = parser.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="resnet8-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"machine: {machine()}")
-    project = scratch_copy(work)
+    project = scratch_copy(work, args.sweep_seeds)
+    if args.sweep_only:
+        print_sweep(project, args.sweep_seeds, args.cache)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     fetch, _ = run(project, "dvc", "repro", *FETCH)
     print(f"fetch stages (not counted): {fetch:.1f} s")
     total, stages = timed_repro(project, "-f")
@@ -139,11 +184,7 @@ def main() -> None:
     print(f"one-parameter experiment (calibrate.percentile): {experiment:.1f} s, {len(ran)} stages re-run "
           f"(target <= {TARGETS['experiment']:.0f} s)")
     if args.sweep:
-        one, first = sweep(project, 1)
-        two, second = sweep(project, 2)
-        same = first == second and len(first) == 4
-        print(f"4-experiment sweep: -j 1 {one:.1f} s, -j 2 (RESNET8_PARALLEL_STAGES=2) {two:.1f} s; "
-              f"same accuracies: {'yes' if same else 'NO'}")
+        print_sweep(project, args.sweep_seeds, args.cache)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 
