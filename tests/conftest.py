@@ -12,13 +12,39 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # Every test carries one of four markers, by module (pytest.ini lists them): `-m unit` is the fast set.
 SUITE = {"test_stages_frameworks": "frameworks", "test_faults": "faults", "test_pipeline_e2e": "e2e"}
+# pytest-xdist (pytest.ini: -n auto --dist loadgroup) keeps each of these modules on one worker, so
+# that its module-scoped fixtures (the tiny pipeline, the real repro) are built once; the longest
+# start first, and the unit tests fill the gaps.
+FIRST = ["frameworks", "e2e", "faults", "unit"]
+FAULT_TABLE = "fault_table.txt"
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which reads the xdist_group marks
 def pytest_collection_modifyitems(items) -> None:
     for item in items:
         marker = SUITE.get(item.module.__name__.rsplit(".", 1)[-1], "unit")
         if marker not in item.keywords:
             item.add_marker(getattr(pytest.mark, marker))
+        if marker != "unit":
+            item.add_marker(pytest.mark.xdist_group(marker))
+    items.sort(key=lambda item: FIRST.index(SUITE.get(item.module.__name__.rsplit(".", 1)[-1], "unit")))
+
+
+def session_temp(tmp_path_factory) -> Path:
+    """The session's base temporary directory: the controller's, from a pytest-xdist worker too."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def pytest_terminal_summary(terminalreporter, config) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    path = config._tmp_path_factory.getbasetemp() / FAULT_TABLE  # written by tests/test_faults.py
+    if path.is_file():
+        terminalreporter.write_sep("=", "faults tried and outcomes")
+        for line in path.read_text().splitlines():
+            terminalreporter.write_line(line)
+        terminalreporter.write_line(f"fault table written to {path}")
 
 
 def stage_env(**extra: str) -> dict:
@@ -38,6 +64,19 @@ def run_module(module: str, *args: str, cwd: Path, check: bool = True, **env: st
     if check and result.returncode != 0:
         raise AssertionError(f"{module} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def in_parallel(*tasks):
+    """Run independent tasks (each a call that starts a stage process and waits for it) as many at
+    once as there are usable CPUs: the tests' stage runs are mostly process start-up and imports,
+    which one core each does as fast as two. Each stage keeps its own thread budget (the tests
+    compare artifacts built at different thread counts: the budget must not change silently). Returns
+    the results in order; the first failure is raised once all have finished."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, len(os.sched_getaffinity(0)))) as pool:
+        futures = [pool.submit(task) for task in tasks]
+    return [future.result() for future in futures]
 
 
 def run_script(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:

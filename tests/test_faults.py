@@ -8,7 +8,8 @@ the user can cause is one `error:` line naming the file; a normal rerun afterwar
 
 Every stage runs as its own process on a tiny random ResNet8 (tests/tiny_models.py); pytest never
 imports a framework. Exact kill points are injected by tests/faults_helpers.py. Each fault tried is
-a row of the table printed at the end of the session and written to <pytest basetemp>/fault_table.txt.
+a row of the table printed at the end of the session and written to <pytest basetemp>/fault_table.txt
+(the controller's basetemp when pytest-xdist runs the suite).
 
 The bugs these tests found in stages/ (a half-deleted old directory, stale temporaries breaking
 `dvc plots show`, tracebacks for truncated inputs and full disks) are fixed; the tests keep them fixed.
@@ -31,7 +32,7 @@ from typing import Callable
 import pytest
 import yaml
 
-from tests.conftest import REPO, run_module, run_script, stage_env
+from tests.conftest import FAULT_TABLE, REPO, run_module, run_script, session_temp, stage_env
 
 # --------------------------------------------------------------------------- the fault table
 
@@ -53,29 +54,15 @@ def render_table() -> str:
     return "\n".join(lines)
 
 
-class _FaultTablePlugin:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def pytest_terminal_summary(self, terminalreporter) -> None:
-        if not FAULTS:
-            return
-        terminalreporter.write_sep("=", "faults tried and outcomes")
-        for line in render_table().splitlines():
-            terminalreporter.write_line(line)
-        terminalreporter.write_line(f"fault table written to {self.path}")
-
-
 @pytest.fixture(scope="module", autouse=True)
-def fault_table(request, tmp_path_factory):
+def fault_table(tmp_path_factory):
+    """Writes the table when the module is done; tests/conftest.py prints it at the end of the
+    session (from the controller, when pytest-xdist runs this module in a worker)."""
     global STARTED
     STARTED = time.monotonic()
-    path = tmp_path_factory.getbasetemp() / "fault_table.txt"
-    name = "test_faults_table"
-    if request.config.pluginmanager.get_plugin(name) is None:
-        request.config.pluginmanager.register(_FaultTablePlugin(path), name)
     yield
-    path.write_text(render_table() + "\n")
+    if FAULTS:
+        (session_temp(tmp_path_factory) / FAULT_TABLE).write_text(render_table() + "\n")
 
 
 # --------------------------------------------------------------------------- tiny projects

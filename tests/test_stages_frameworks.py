@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, run_module, run_script
+from functools import partial
+
+from tests.conftest import REPO, in_parallel, run_module, run_script
 
 DTYPES = ("int8", "uint8")
 QUANTIZED = [f"{backend}_{dtype}" for backend in ("ort", "torch") for dtype in DTYPES]
@@ -66,28 +68,28 @@ def tiny(tmp_path_factory) -> Path:
     params["calibrate"]["seeds"], params["calibrate"]["validation"] = SEEDS, 50
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run_script("tiny_models", FLOAT_MODEL["keras"], "data/cifar10", cwd=project)
-    run_module("stages.convert_onnx", "--keras", FLOAT_MODEL["keras"], "--data", "data/cifar10",
-               "--out", FLOAT_MODEL["onnx"], "--metrics", "metrics/convert_onnx.json", cwd=project)
-    run_module("stages.convert_torch", "--onnx", FLOAT_MODEL["onnx"], "--data", "data/cifar10",
-               "--out", FLOAT_MODEL["torch"], "--metrics", "metrics/convert_torch.json", cwd=project)
-    run_module("stages.fold_batchnorm", "--onnx", FLOAT_MODEL["onnx"], "--data", "data/cifar10",
-               "--out", "models/onnx_folded/resnet8.onnx", "--metrics", "metrics/fold_batchnorm.json", cwd=project)
-    run_module("stages.calibrate", "--data", "data/cifar10", "--out", "data/calibration", cwd=project)
-    run_module("stages.activation_ranges", "--model", "models/onnx_folded/resnet8.onnx", "--calibration",
-               "data/calibration", "--out", RANGES, cwd=project)
-    for variant, kind in (("keras", "keras"), ("onnx", "onnx"), ("torch", "torch")):
-        evaluate(project, variant, kind, FLOAT_MODEL[variant])
-    for dtype in DTYPES:
-        run_module("stages.adaround", "--dtype", dtype, "--model", "models/onnx_folded/resnet8.onnx",
-                   "--calibration", "data/calibration", "--ranges", RANGES,
-                   "--out", f"models/adaround_{dtype}",
-                   "--metrics", f"metrics/adaround/{dtype}.json", cwd=project)
-    for backend in ("ort", "torch"):
-        for dtype in DTYPES:
-            run_module(f"stages.quantize_{backend}", *quantize_args(backend, dtype), cwd=project)
-            evaluate(project, f"{backend}_{dtype}", KIND[backend], evaluated_model(f"{backend}_{dtype}"),
-                     parent=PARENT[backend])
-            run_module("stages.layer_error", *layer_error_args(f"{backend}_{dtype}"), cwd=project)
+    stage = partial(run_module, cwd=project)
+    # in waves: each wave's stages need only what earlier waves wrote
+    stage("stages.convert_onnx", "--keras", FLOAT_MODEL["keras"], "--data", "data/cifar10",
+          "--out", FLOAT_MODEL["onnx"], "--metrics", "metrics/convert_onnx.json")
+    in_parallel(partial(stage, "stages.convert_torch", "--onnx", FLOAT_MODEL["onnx"], "--data", "data/cifar10",
+                        "--out", FLOAT_MODEL["torch"], "--metrics", "metrics/convert_torch.json"),
+                partial(stage, "stages.fold_batchnorm", "--onnx", FLOAT_MODEL["onnx"], "--data", "data/cifar10",
+                        "--out", "models/onnx_folded/resnet8.onnx", "--metrics", "metrics/fold_batchnorm.json"),
+                partial(stage, "stages.calibrate", "--data", "data/cifar10", "--out", "data/calibration"),
+                partial(evaluate, project, "keras", "keras", FLOAT_MODEL["keras"]),
+                partial(evaluate, project, "onnx", "onnx", FLOAT_MODEL["onnx"]))
+    in_parallel(partial(stage, "stages.activation_ranges", "--model", "models/onnx_folded/resnet8.onnx",
+                        "--calibration", "data/calibration", "--out", RANGES),
+                partial(evaluate, project, "torch", "torch", FLOAT_MODEL["torch"]))
+    in_parallel(*(partial(stage, "stages.adaround", "--dtype", dtype, "--model", "models/onnx_folded/resnet8.onnx",
+                          "--calibration", "data/calibration", "--ranges", RANGES, "--out", f"models/adaround_{dtype}",
+                          "--metrics", f"metrics/adaround/{dtype}.json") for dtype in DTYPES))
+    in_parallel(*(partial(stage, f"stages.quantize_{variant.split('_')[0]}", *quantize_args(*variant.split("_")))
+                  for variant in QUANTIZED))
+    in_parallel(*(partial(evaluate, project, variant, KIND[variant.split("_")[0]], evaluated_model(variant),
+                          parent=PARENT[variant.split("_")[0]]) for variant in QUANTIZED),
+                *(partial(stage, "stages.layer_error", *layer_error_args(variant)) for variant in QUANTIZED))
     return project
 
 
@@ -320,23 +322,21 @@ def test_every_model_artifact_is_the_same_under_thread_and_isa_switches(tiny, sw
     for name in ("params.yaml", FLOAT_MODEL["keras"], "data/cifar10"):
         (project / name).parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if (tiny / name).is_dir() else shutil.copy)(tiny / name, project / name)
-    env = SWITCHES[switch]
+    stage = partial(run_module, cwd=project, **SWITCHES[switch])
     folded = "models/onnx_folded/resnet8.onnx"
-    run_module("stages.convert_onnx", "--keras", FLOAT_MODEL["keras"], "--data", "data/cifar10",
-               "--out", FLOAT_MODEL["onnx"], "--metrics", "metrics/convert_onnx.json", cwd=project, **env)
-    run_module("stages.convert_torch", "--onnx", FLOAT_MODEL["onnx"], "--data", "data/cifar10",
-               "--out", FLOAT_MODEL["torch"], "--metrics", "metrics/convert_torch.json", cwd=project, **env)
-    run_module("stages.fold_batchnorm", "--onnx", FLOAT_MODEL["onnx"], "--data", "data/cifar10",
-               "--out", folded, "--metrics", "metrics/fold_batchnorm.json", cwd=project, **env)
-    run_module("stages.calibrate", "--data", "data/cifar10", "--out", "data/calibration", cwd=project, **env)
-    run_module("stages.activation_ranges", "--model", folded, "--calibration", "data/calibration",
-               "--out", RANGES, cwd=project, **env)
-    for dtype in DTYPES:
-        run_module("stages.adaround", "--dtype", dtype, "--model", folded, "--calibration", "data/calibration",
-                   "--ranges", RANGES, "--out", f"models/adaround_{dtype}",
-                   "--metrics", f"metrics/adaround/{dtype}.json", cwd=project, **env)
-        for backend in ("ort", "torch"):
-            run_module(f"stages.quantize_{backend}", *quantize_args(backend, dtype), cwd=project, **env)
+    stage("stages.convert_onnx", "--keras", FLOAT_MODEL["keras"], "--data", "data/cifar10",
+          "--out", FLOAT_MODEL["onnx"], "--metrics", "metrics/convert_onnx.json")
+    in_parallel(partial(stage, "stages.convert_torch", "--onnx", FLOAT_MODEL["onnx"], "--data", "data/cifar10",
+                        "--out", FLOAT_MODEL["torch"], "--metrics", "metrics/convert_torch.json"),
+                partial(stage, "stages.fold_batchnorm", "--onnx", FLOAT_MODEL["onnx"], "--data", "data/cifar10",
+                        "--out", folded, "--metrics", "metrics/fold_batchnorm.json"),
+                partial(stage, "stages.calibrate", "--data", "data/cifar10", "--out", "data/calibration"))
+    stage("stages.activation_ranges", "--model", folded, "--calibration", "data/calibration", "--out", RANGES)
+    in_parallel(*(partial(stage, "stages.adaround", "--dtype", dtype, "--model", folded, "--calibration",
+                          "data/calibration", "--ranges", RANGES, "--out", f"models/adaround_{dtype}",
+                          "--metrics", f"metrics/adaround/{dtype}.json") for dtype in DTYPES))
+    in_parallel(*(partial(stage, f"stages.quantize_{variant.split('_')[0]}", *quantize_args(*variant.split("_")))
+                  for variant in QUANTIZED))
     differ = [name for name in MODEL_ARTIFACTS if (project / name).read_bytes() != (tiny / name).read_bytes()]
     assert not differ, f"{switch} changed {differ}"
     for name in ("metrics/adaround/int8.json", "metrics/adaround/uint8.json", "metrics/fold_batchnorm.json",
@@ -441,25 +441,25 @@ def test_the_quantize_chain_gives_the_same_bytes_and_labels_on_an_avx2_cpu(tiny,
     params["calibrate"]["seeds"] = SEEDS[:1]
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     folded = "models/onnx_folded/resnet8.onnx"
-    run_on_avx2("stages.fold_batchnorm", "--onnx", FLOAT_MODEL["onnx"], "--data", "data/cifar10", "--out", folded,
-                "--metrics", "metrics/fold_batchnorm.json", cwd=project)
-    run_on_avx2("stages.activation_ranges", "--model", folded, "--calibration", "data/calibration", "--out", RANGES,
-                cwd=project)
+    emulated = partial(run_on_avx2, cwd=project)
+    emulated("stages.fold_batchnorm", "--onnx", FLOAT_MODEL["onnx"], "--data", "data/cifar10", "--out", folded,
+             "--metrics", "metrics/fold_batchnorm.json")
+    emulated("stages.activation_ranges", "--model", folded, "--calibration", "data/calibration", "--out", RANGES)
     for name in ("metrics/eval/torch.json", "data/predictions/torch.npy"):
         shutil.copy(tiny / name, project / name)
-    for dtype in DTYPES:
-        run_on_avx2("stages.adaround", "--dtype", dtype, "--model", folded, "--calibration", "data/calibration",
-                    "--ranges", RANGES, "--out", f"models/adaround_{dtype}",
-                    "--metrics", f"metrics/adaround/{dtype}.json", cwd=project)
-        for backend in ("ort", "torch"):
-            variant = f"{backend}_{dtype}"
-            run_on_avx2(f"stages.quantize_{backend}", *quantize_args(backend, dtype), cwd=project)
-            run_on_avx2("stages.evaluate", "--variant", variant, "--kind", KIND[backend],
-                        "--model", evaluated_model(variant), "--data", "data/cifar10",
-                        "--metrics", f"metrics/eval/{variant}.json", "--predictions", f"data/predictions/{variant}.npy",
-                        "--confusion", f"plots/confusion/{variant}.csv", "--parent", PARENT[backend],
-                        "--parent-metrics", f"metrics/eval/{PARENT[backend]}.json",
-                        "--parent-predictions", f"data/predictions/{PARENT[backend]}.npy", cwd=project)
+    # two emulated processes at a time (each emulated CPU runs on one host core)
+    in_parallel(*(partial(emulated, "stages.adaround", "--dtype", dtype, "--model", folded, "--calibration",
+                          "data/calibration", "--ranges", RANGES, "--out", f"models/adaround_{dtype}",
+                          "--metrics", f"metrics/adaround/{dtype}.json") for dtype in DTYPES))
+    in_parallel(*(partial(emulated, f"stages.quantize_{variant.split('_')[0]}", *quantize_args(*variant.split("_")))
+                  for variant in QUANTIZED))
+    in_parallel(*(partial(emulated, "stages.evaluate", "--variant", variant, "--kind", KIND[backend],
+                          "--model", evaluated_model(variant), "--data", "data/cifar10",
+                          "--metrics", f"metrics/eval/{variant}.json", "--predictions", f"data/predictions/{variant}.npy",
+                          "--confusion", f"plots/confusion/{variant}.csv", "--parent", PARENT[backend],
+                          "--parent-metrics", f"metrics/eval/{PARENT[backend]}.json",
+                          "--parent-predictions", f"data/predictions/{PARENT[backend]}.npy")
+                  for variant, backend in ((v, v.split("_")[0]) for v in QUANTIZED)))
     artifacts = [folded, *(name for name in QUANTIZE_ARTIFACTS if "seed_0" in name)]
     differ = [name for name in artifacts if (project / name).read_bytes() != (tiny / name).read_bytes()]
     assert not differ, f"on the AVX2 CPU these differ: {differ}"
