@@ -76,15 +76,20 @@ class _Autograd:
         return torch.autograd.grad(F.mse_loss(out, self.targets[pick]), weight)[0]
 
 
-def _channels_last_conv(module: nn.Module, x: torch.Tensor) -> bool:
-    """Whether `module` applied to `x` is a conv `_Columns` computes as ATen does: one group, no
-    dilation, zero padding, a channels-last float64 input (all of ResNet8's convs in onnx2torch's
-    graph, fed NHWC images), which ATen's CPU float64 conv (slow_conv2d) takes its channels-last
-    path for."""
+def _plain_conv(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `module` applied to `x` is a conv `_Columns` can lay out: one group, no dilation,
+    zero padding given as numbers, a 4-d float64 input (all of ResNet8's convs in onnx2torch's graph)."""
     return (isinstance(module, nn.Conv2d) and module.groups == 1 and tuple(module.dilation) == (1, 1)
             and module.padding_mode == "zeros" and not isinstance(module.padding, str)
-            and x.dtype == torch.float64 and x.dim() == 4
-            and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+            and x.dtype == torch.float64 and x.dim() == 4)
+
+
+def _channels_last_conv(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `module` applied to `x` is a conv `_Columns` computes as ATen does: a `_plain_conv`
+    on a channels-last input (ResNet8's, fed NHWC images), which ATen's CPU float64 conv
+    (slow_conv2d) takes its channels-last path for."""
+    return (_plain_conv(module, x) and x.is_contiguous(memory_format=torch.channels_last)
+            and not x.is_contiguous())
 
 
 class _Columns:
@@ -214,8 +219,7 @@ class _Gram:
         if isinstance(module, nn.Conv2d):
             inputs = inputs.contiguous(memory_format=torch.channels_last)  # same values, NHWC in memory
             targets = targets.contiguous(memory_format=torch.channels_last)
-            if not (module.groups == 1 and tuple(module.dilation) == (1, 1) and module.padding_mode == "zeros"
-                    and not isinstance(module.padding, str) and inputs.dtype == torch.float64 and inputs.dim() == 4):
+            if not _plain_conv(module, inputs):
                 raise ValueError(f"adaround: no full-batch gradient for {module} (grouped, dilated or not float64)")
             im2col = _Columns(module, *inputs.shape[2:], len(inputs))
             self.to_2d = im2col.weight_2d
@@ -262,8 +266,9 @@ def round_layers(module: nn.Module, inputs: list[torch.Tensor], targets: list[to
 
     Draw d learns to map inputs[d] to targets[d] on mini-batches of `batch` images drawn by a
     generator seeded with seeds[d], or (batch 0) on all of them at every step (`_Gram`). Scale,
-    floor and the fixed weights depend on the float weight only and are shared; the rounding variable has a leading draw dimension and one Adam optimises it. The loss is the
-    sum of the draws' losses (mean squared error + rounding regulariser), so each draw's
+    floor and the fixed weights depend on the float weight only and are shared; the rounding
+    variable has a leading draw dimension and one Adam optimises it. The loss is the sum of the
+    draws' losses (mean squared error + rounding regulariser), so each draw's
     gradient, and Adam's elementwise step, are exactly those of the draw optimised alone."""
     weight = module.weight.detach()
     scale = channel_scale(weight, grid)
