@@ -14,10 +14,11 @@ npm tarball from npm's cache):
   5. with --sweep: 4 queued experiments run with `dvc queue start -j 1`, then with `-j 2` and
      RESNET8_PARALLEL_STAGES=2 (the thread budget): same results, and the wall time of each.
 Targets (issue 12): 2. <= 240 s on 2 cores, 4. <= 60 s, 3. <= 2 s, 5. -j 2 no slower than -j 1.
---sweep-only runs 5 alone; --sweep-seeds N gives the sweep's experiments the first N calibration
-seeds (a shorter sweep); --cache DIR starts each sweep from a hard-linked copy of that DVC cache (e.g. this
-checkout's .dvc/cache), so that the stages the experiments do not change are restored from its run
-cache instead of re-run, and neither sweep can restore what the other computed.
+--sweep-only runs 5 alone; with it, --sweep-seeds N gives the experiments the first N calibration
+seeds (a shorter sweep), and --cache DIR starts each sweep from a hard-linked copy of that DVC
+cache (e.g. this checkout's .dvc/cache), so that the stages the experiments do not change are
+restored from its run cache instead of re-run, and neither sweep can restore what the other
+computed.
 """
 from __future__ import annotations
 
@@ -156,19 +157,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also time a 4-experiment queue at -j 1 and -j 2")
     parser.add_argument("--sweep-only", action="store_true", help="time the sweep alone")
-    parser.add_argument("--sweep-seeds", type=int, help="the sweep's experiments use the first N calibration seeds")
-    parser.add_argument("--cache", type=Path, help="share this DVC cache (and its run cache)")
+    parser.add_argument("--sweep-seeds", type=int, help="with --sweep-only: the experiments use the first N seeds")
+    parser.add_argument("--cache", type=Path, help="with --sweep-only: start each sweep from a copy of this DVC cache")
     parser.add_argument("--keep", type=Path, help="work in this directory and keep it")
     args = parser.parse_args()
+    if (args.sweep_seeds is not None or args.cache is not None) and not args.sweep_only:
+        parser.error("--sweep-seeds and --cache go with --sweep-only (the full-run figures use every seed)")
     work = args.keep or Path(tempfile.mkdtemp(prefix="resnet8-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"machine: {machine()}")
-    project = scratch_copy(work, args.sweep_seeds)
-    if args.sweep_only:
-        print_sweep(project, args.sweep_seeds, args.cache)
+    try:
+        project = scratch_copy(work, args.sweep_seeds)
+        if args.sweep_only:
+            print_sweep(project, args.sweep_seeds, args.cache)
+        else:
+            figures(project, args.sweep)
+    finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-        return
+
+
+def figures(project: Path, with_sweep: bool) -> None:
+    """Steps 1-4, and 5 with `with_sweep`."""
     fetch, _ = run(project, "dvc", "repro", *FETCH)
     print(f"fetch stages (not counted): {fetch:.1f} s")
     total, stages = timed_repro(project, "-f")
@@ -183,10 +193,8 @@ def main() -> None:
     ran = sorted(set(re.findall(r"Running stage '([^']+)'", output)))
     print(f"one-parameter experiment (calibrate.percentile): {experiment:.1f} s, {len(ran)} stages re-run "
           f"(target <= {TARGETS['experiment']:.0f} s)")
-    if args.sweep:
-        print_sweep(project, args.sweep_seeds, args.cache)
-    if not args.keep:
-        shutil.rmtree(work, ignore_errors=True)
+    if with_sweep:
+        print_sweep(project, None, None)
 
 
 if __name__ == "__main__":

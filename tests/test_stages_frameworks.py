@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-from functools import partial
 
 from tests.conftest import REPO, in_parallel, run_module, run_script
 
@@ -47,14 +46,33 @@ def seed_artifact(variant: str, seed: int) -> str:
     return f"models/{variant}/seed_{seed}/{MODEL_FILE[variant]}"
 
 
-def evaluate(project: Path, variant: str, kind: str, model: str, parent: str | None = None, check: bool = True):
+def evaluate_args(variant: str, kind: str, model: str, parent: str | None = None) -> list[str]:
     args = ["--variant", variant, "--kind", kind, "--model", model, "--data", "data/cifar10",
             "--metrics", f"metrics/eval/{variant}.json", "--predictions", f"data/predictions/{variant}.npy",
             "--confusion", f"plots/confusion/{variant}.csv"]
     if parent:
         args += ["--parent", parent, "--parent-metrics", f"metrics/eval/{parent}.json",
                  "--parent-predictions", f"data/predictions/{parent}.npy"]
-    return run_module("stages.evaluate", *args, cwd=project, check=check)
+    return args
+
+
+def quantized_evaluate_args(variant: str) -> list[str]:
+    backend = variant.split("_")[0]
+    return evaluate_args(variant, KIND[backend], evaluated_model(variant), PARENT[backend])
+
+
+def evaluate(project: Path, variant: str, kind: str, model: str, parent: str | None = None, check: bool = True):
+    return run_module("stages.evaluate", *evaluate_args(variant, kind, model, parent), cwd=project, check=check)
+
+
+def quantize_chain(stage, folded: str = "models/onnx_folded/resnet8.onnx") -> None:
+    """AdaRound for both dtypes, then the four quantizers, each wave in parallel; `stage(module,
+    *args)` runs one stage in the project."""
+    in_parallel(*(partial(stage, "stages.adaround", "--dtype", dtype, "--model", folded, "--calibration",
+                          "data/calibration", "--ranges", RANGES, "--out", f"models/adaround_{dtype}",
+                          "--metrics", f"metrics/adaround/{dtype}.json") for dtype in DTYPES))
+    in_parallel(*(partial(stage, f"stages.quantize_{variant.split('_')[0]}", *quantize_args(*variant.split("_")))
+                  for variant in QUANTIZED))
 
 
 @pytest.fixture(scope="module")
@@ -82,13 +100,8 @@ def tiny(tmp_path_factory) -> Path:
     in_parallel(partial(stage, "stages.activation_ranges", "--model", "models/onnx_folded/resnet8.onnx",
                         "--calibration", "data/calibration", "--out", RANGES),
                 partial(evaluate, project, "torch", "torch", FLOAT_MODEL["torch"]))
-    in_parallel(*(partial(stage, "stages.adaround", "--dtype", dtype, "--model", "models/onnx_folded/resnet8.onnx",
-                          "--calibration", "data/calibration", "--ranges", RANGES, "--out", f"models/adaround_{dtype}",
-                          "--metrics", f"metrics/adaround/{dtype}.json") for dtype in DTYPES))
-    in_parallel(*(partial(stage, f"stages.quantize_{variant.split('_')[0]}", *quantize_args(*variant.split("_")))
-                  for variant in QUANTIZED))
-    in_parallel(*(partial(evaluate, project, variant, KIND[variant.split("_")[0]], evaluated_model(variant),
-                          parent=PARENT[variant.split("_")[0]]) for variant in QUANTIZED),
+    quantize_chain(stage)
+    in_parallel(*(partial(stage, "stages.evaluate", *quantized_evaluate_args(variant)) for variant in QUANTIZED),
                 *(partial(stage, "stages.layer_error", *layer_error_args(variant)) for variant in QUANTIZED))
     return project
 
@@ -332,11 +345,7 @@ def test_every_model_artifact_is_the_same_under_thread_and_isa_switches(tiny, sw
                         "--out", folded, "--metrics", "metrics/fold_batchnorm.json"),
                 partial(stage, "stages.calibrate", "--data", "data/cifar10", "--out", "data/calibration"))
     stage("stages.activation_ranges", "--model", folded, "--calibration", "data/calibration", "--out", RANGES)
-    in_parallel(*(partial(stage, "stages.adaround", "--dtype", dtype, "--model", folded, "--calibration",
-                          "data/calibration", "--ranges", RANGES, "--out", f"models/adaround_{dtype}",
-                          "--metrics", f"metrics/adaround/{dtype}.json") for dtype in DTYPES))
-    in_parallel(*(partial(stage, f"stages.quantize_{variant.split('_')[0]}", *quantize_args(*variant.split("_")))
-                  for variant in QUANTIZED))
+    quantize_chain(stage, folded)
     differ = [name for name in MODEL_ARTIFACTS if (project / name).read_bytes() != (tiny / name).read_bytes()]
     assert not differ, f"{switch} changed {differ}"
     for name in ("metrics/adaround/int8.json", "metrics/adaround/uint8.json", "metrics/fold_batchnorm.json",
@@ -448,18 +457,8 @@ def test_the_quantize_chain_gives_the_same_bytes_and_labels_on_an_avx2_cpu(tiny,
     for name in ("metrics/eval/torch.json", "data/predictions/torch.npy"):
         shutil.copy(tiny / name, project / name)
     # two emulated processes at a time (each emulated CPU runs on one host core)
-    in_parallel(*(partial(emulated, "stages.adaround", "--dtype", dtype, "--model", folded, "--calibration",
-                          "data/calibration", "--ranges", RANGES, "--out", f"models/adaround_{dtype}",
-                          "--metrics", f"metrics/adaround/{dtype}.json") for dtype in DTYPES))
-    in_parallel(*(partial(emulated, f"stages.quantize_{variant.split('_')[0]}", *quantize_args(*variant.split("_")))
-                  for variant in QUANTIZED))
-    in_parallel(*(partial(emulated, "stages.evaluate", "--variant", variant, "--kind", KIND[backend],
-                          "--model", evaluated_model(variant), "--data", "data/cifar10",
-                          "--metrics", f"metrics/eval/{variant}.json", "--predictions", f"data/predictions/{variant}.npy",
-                          "--confusion", f"plots/confusion/{variant}.csv", "--parent", PARENT[backend],
-                          "--parent-metrics", f"metrics/eval/{PARENT[backend]}.json",
-                          "--parent-predictions", f"data/predictions/{PARENT[backend]}.npy")
-                  for variant, backend in ((v, v.split("_")[0]) for v in QUANTIZED)))
+    quantize_chain(emulated, folded)
+    in_parallel(*(partial(emulated, "stages.evaluate", *quantized_evaluate_args(variant)) for variant in QUANTIZED))
     artifacts = [folded, *(name for name in QUANTIZE_ARTIFACTS if "seed_0" in name)]
     differ = [name for name in artifacts if (project / name).read_bytes() != (tiny / name).read_bytes()]
     assert not differ, f"on the AVX2 CPU these differ: {differ}"
