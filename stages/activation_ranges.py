@@ -18,6 +18,7 @@ from .lib import ranges
 from .lib.calibration import CalibrationSet, seed_dir, seed_file
 from .lib.errors import run_main
 from .lib.files import atomic_path
+from .lib.seed_pool import map_seeds
 
 
 def main() -> None:
@@ -28,15 +29,17 @@ def main() -> None:
     args = parser.parse_args()
     p = params_lib.load()["calibrate"]
 
-    with atomic_path(args.out, directory=True) as tmp:
-        for seed in p["seeds"]:
-            images = CalibrationSet.load(seed_dir(args.calibration, seed)).images
-            found = ranges.compute(args.model, images, p["method"], p["percentile"])
-            ranges.save(seed_file(tmp, seed, ".json"), found,
-                        {"seed": seed, "method": p["method"], "percentile": p["percentile"], "images": len(images)})
-    print(f"activation_ranges: {len(found)} tensors x {len(p['seeds'])} seeds, {p['method']} "
-          f"on {len(images)} calibration images each (float64)")
+    def compute(seed: int) -> tuple[int, int]:
+        images = CalibrationSet.load(seed_dir(args.calibration, seed)).images
+        found = ranges.compute(args.model, images, p["method"], p["percentile"])
+        ranges.save(seed_file(tmp, seed, ".json"), found,
+                    {"seed": seed, "method": p["method"], "percentile": p["percentile"], "images": len(images)})
+        return len(found), len(images)
 
+    with atomic_path(args.out, directory=True) as tmp:
+        tensors, images = map_seeds(compute, p["seeds"])[-1]  # seeds side by side (lib/seed_pool.py)
+    print(f"activation_ranges: {tensors} tensors x {len(p['seeds'])} seeds, {p['method']} "
+          f"on {images} calibration images each (float64)")
 
 if __name__ == "__main__":
     run_main(main)

@@ -35,6 +35,7 @@ from .lib.calibration import evaluation_split, seed_path
 from .lib.calibration import seeds as seeds_of
 from .lib.errors import PipelineError, run_main
 from .lib.files import atomic_path, load_npy, read_json, write_json
+from .lib.seed_pool import map_seeds
 
 
 def model_file(kind: str, model: Path) -> Path:
@@ -81,10 +82,13 @@ def against_parent(result: dict, predicted: np.ndarray, parent: dict, parent_lab
 def over_seeds(variant: str, kind: str, template: str, seeds: list[int], split, batch_size: int,
                parent: dict, parent_labels: np.ndarray) -> tuple[dict, np.ndarray]:
     """Every calibration seed's model of a quantized variant, and the distribution over seeds."""
-    per_seed, predicted = {}, []
-    for seed in seeds:
+    def scored(seed: int) -> tuple[dict, np.ndarray]:
         result, labels = score(kind, seed_path(template, seed), split.images, split.labels, batch_size)
         result.update(against_parent(result, labels, parent, parent_labels, split.labels))
+        return result, labels
+
+    per_seed, predicted = {}, []
+    for seed, (result, labels) in zip(seeds, map_seeds(scored, seeds)):  # side by side (lib/seed_pool.py)
         per_seed[seed] = result
         predicted.append(labels)
     first = per_seed[seeds[0]]

@@ -25,6 +25,7 @@ from .lib.calibration import seeds as seeds_of
 from .lib.errors import run_main
 from .lib.files import atomic_path
 from .lib.quant_checks import require_integer_execution
+from .lib.seed_pool import map_seeds
 from .lib.runners import EXECUTORCH_BATCH, ONEDNN_ISA
 from .lib.torch_models import export, save_program, used_attributes_only
 from .lib.torch_quant import EXPORT_EXAMPLES, QUANTIZER_NAMES, quantize_graph, to_executorch
@@ -48,29 +49,32 @@ def main() -> None:
     p = all_params["quantize_torch"]
     variant = f"torch_{args.dtype}"
 
-    with atomic_path(args.out, directory=True) as tmp:
-        for seed in seeds_of(all_params):
-            images = CalibrationSet.load(seed_dir(args.calibration, seed)).images
-            ranges = ranges_lib.load(seed_file(args.ranges, seed, ".json"))
-            converted, fixed, on_grid = quantize_graph(seed_file(args.model, seed, ".onnx"), ranges, args.dtype,
-                                                      p["per_channel"], images[:EXPORT_EXAMPLES])
-            out = seed_dir(tmp, seed)
-            out.mkdir()
-            model = out / MODEL_FILE[args.dtype]
-            if args.dtype == "uint8":
-                save_program(export(used_attributes_only(converted), images[:EXPORT_EXAMPLES]), model,
-                             images[EXPORT_EXAMPLES:2 * EXPORT_EXAMPLES])
-            else:
-                model.write_bytes(to_executorch(converted, images[:EXECUTORCH_BATCH]))
-            runs = execution.measure(KIND[args.dtype], model)
-            require_integer_execution(variant, runs, WEIGHTED_LAYERS)
-            info = {"backend": "pytorch", "dtype": args.dtype, "seed": seed, "quantizer": QUANTIZER_NAMES[args.dtype],
-                    "activation_dtype": args.dtype, "weight_dtype": "int8", "runs_on": RUNS_ON[args.dtype],
-                    "settings": p, "activation_ranges_set": fixed, "weights_on_adaround_grid": on_grid}
-            (out / "info.json").write_text(json.dumps(info, indent=2) + "\n")
-            print(f"quantize_torch {args.dtype} seed {seed}: {runs['layers']}, {fixed} activation ranges, "
-                  f"{on_grid} weights on AdaRound's grid")
+    def build(seed: int) -> str:
+        """Quantize, lower and check one seed's model into tmp/seed_<seed>/; returns its summary line."""
+        images = CalibrationSet.load(seed_dir(args.calibration, seed)).images
+        ranges = ranges_lib.load(seed_file(args.ranges, seed, ".json"))
+        converted, fixed, on_grid = quantize_graph(seed_file(args.model, seed, ".onnx"), ranges, args.dtype,
+                                                  p["per_channel"], images[:EXPORT_EXAMPLES])
+        out = seed_dir(tmp, seed)
+        out.mkdir()
+        model = out / MODEL_FILE[args.dtype]
+        if args.dtype == "uint8":
+            save_program(export(used_attributes_only(converted), images[:EXPORT_EXAMPLES]), model,
+                         images[EXPORT_EXAMPLES:2 * EXPORT_EXAMPLES])
+        else:
+            model.write_bytes(to_executorch(converted, images[:EXECUTORCH_BATCH]))
+        runs = execution.measure(KIND[args.dtype], model)
+        require_integer_execution(variant, runs, WEIGHTED_LAYERS)
+        info = {"backend": "pytorch", "dtype": args.dtype, "seed": seed, "quantizer": QUANTIZER_NAMES[args.dtype],
+                "activation_dtype": args.dtype, "weight_dtype": "int8", "runs_on": RUNS_ON[args.dtype],
+                "settings": p, "activation_ranges_set": fixed, "weights_on_adaround_grid": on_grid}
+        (out / "info.json").write_text(json.dumps(info, indent=2) + "\n")
+        return (f"quantize_torch {args.dtype} seed {seed}: {runs['layers']}, {fixed} activation ranges, "
+                f"{on_grid} weights on AdaRound's grid")
 
+    with atomic_path(args.out, directory=True) as tmp:
+        for line in map_seeds(build, seeds_of(all_params)):  # seeds side by side (lib/seed_pool.py)
+            print(line)
 
 if __name__ == "__main__":
     run_main(main)

@@ -73,3 +73,24 @@ def test_fast_conv_and_pool_give_the_reference_evaluators_numbers(pads, strides,
         assert a.shape == b.shape
         np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-13)
     assert not np.array_equal(fast[0], np.zeros_like(fast[0]))
+
+
+@pytest.mark.parametrize("percentile", [99.99, 99.9, 99.0, 90.0, 50.0, 100.0, 99.999999])
+@pytest.mark.parametrize("batches", [1, 3, 7])
+def test_percentile_from_batch_tails_is_numpys_percentile_of_every_value(percentile, batches):
+    rng = np.random.default_rng(int(percentile * 1000) + batches)
+    relu = np.maximum(rng.standard_t(3, (batches * 4, 8, 9, 5)), 0)  # ties (zeros) and a long tail
+    relu[rng.integers(0, len(relu))] *= 50
+    for values in (relu, np.round(rng.normal(0, 3, relu.shape), 1)):  # and many ties on both sides
+        parts = [ranges.Tails.of_batch(b.ravel(), values.size, percentile) for b in np.split(values, batches)]
+        assert ranges.Tails.percentiles(parts, percentile) == tuple(np.percentile(values, [100 - percentile, percentile]))
+        if batches > 1 and percentile >= 99:
+            assert sum(len(p.smallest) + len(p.largest) for p in parts) < values.size  # only the tails kept
+
+
+def test_percentile_of_values_with_nan_is_nan_as_numpy_gives():
+    values = np.arange(1000.0)
+    values[5] = np.nan
+    parts = [ranges.Tails.of_batch(b, values.size, 99.0) for b in np.split(values, 4)]
+    assert all(np.isnan(ranges.Tails.percentiles(parts, 99.0)))
+    assert all(np.isnan(np.percentile(values, [1.0, 99.0])))

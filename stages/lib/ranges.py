@@ -34,26 +34,86 @@ def compute(model: str | Path, images: np.ndarray, method: str, percentile: floa
     `perturb` (tests) is applied to every float64 activation before it is used."""
     from .reference import activations
 
-    seen: dict[str, list[np.ndarray]] = {}
+    if method not in ("MinMax", "Percentile", "MSE"):
+        raise PipelineError(f"unknown calibration method '{method}' (expected MinMax, Percentile or MSE)")
+    seen: dict[str, list] = {}
     for batch in activations(model, images):
         for name, value in batch.items():
             value = value if perturb is None else perturb(value)
             if method == "MinMax":
-                value = np.array([value.min(), value.max()])
-            seen.setdefault(name, []).append(value.ravel())
+                part = np.array([value.min(), value.max()])
+            elif method == "Percentile":  # the batch's candidates for the order statistics wanted
+                part = Tails.of_batch(value.ravel(), value.size // len(value) * len(images), percentile)
+            else:
+                part = value.ravel()
+            seen.setdefault(name, []).append(part)
     ranges = {}
     for name, parts in seen.items():
-        values = np.concatenate(parts)
         if method == "MinMax":
+            values = np.concatenate(parts)
             low, high = values.min(), values.max()
         elif method == "Percentile":
-            low, high = np.percentile(values, [100.0 - percentile, percentile])
-        elif method == "MSE":
-            low, high = mse_range(values)
+            low, high = Tails.percentiles(parts, percentile)
         else:
-            raise PipelineError(f"unknown calibration method '{method}' (expected MinMax, Percentile or MSE)")
+            low, high = mse_range(np.concatenate(parts))
         ranges[name] = Range(float(np.float32(min(low, 0.0))), float(np.float32(max(high, 0.0))))
     return ranges
+
+
+@dataclass(frozen=True)
+class Tails:
+    """The values of one batch that can be among the order statistics np.percentile(all values,
+    [100 - p, p]) interpolates between: the batch's `low` smallest and `high` largest values (any
+    value among the k smallest of all is among the k smallest of its batch). `percentiles` then
+    gives exactly what np.percentile over every value gives (numpy's own index, weight and
+    interpolation functions on the same order statistics), without keeping every value of every
+    batch (hundreds of MB per tensor) and without partitioning them all at once."""
+    count: int  # values of the tensor over all batches
+    smallest: np.ndarray
+    largest: np.ndarray
+    nan: bool
+
+    @staticmethod
+    def _positions(count: int, percentile: float):
+        """numpy's linear-method indexes (previous, following; its -1 made the last index) and
+        weights for the [100 - p, p] percentiles of `count` values, and how many smallest and
+        largest values hold them."""
+        from numpy.lib._function_base_impl import _QuantileMethods, _get_gamma, _get_indexes
+
+        virtual = (count - 1) * np.asanyarray(np.true_divide([100.0 - percentile, percentile], 100))
+        previous, following = _get_indexes(virtual, virtual, count)
+        gamma = _get_gamma(virtual, previous, _QuantileMethods["linear"])
+        previous, following = previous % count, following % count
+        low = int(max(previous[0], following[0])) + 1
+        high = count - int(min(previous[1], following[1]))
+        return previous, following, gamma, low, high
+
+    @classmethod
+    def of_batch(cls, values: np.ndarray, count: int, percentile: float) -> "Tails":
+        *_, low, high = cls._positions(count, percentile)
+        nan = bool(np.isnan(values).any())
+        if low + high >= len(values):
+            return cls(count, values, values, nan)
+        parted = np.partition(values, [low - 1, len(values) - high])
+        return cls(count, parted[:low], parted[len(values) - high:], nan)
+
+    @classmethod
+    def percentiles(cls, batches: list["Tails"], percentile: float) -> tuple[float, float]:
+        from numpy.lib._function_base_impl import _lerp
+
+        count = batches[0].count
+        if any(b.nan for b in batches):
+            return float("nan"), float("nan")  # as np.percentile gives
+        previous, following, gamma, low, _ = cls._positions(count, percentile)
+        smallest = np.sort(np.concatenate([b.smallest for b in batches]))  # the `low` smallest of all first
+        largest = np.sort(np.concatenate([b.largest for b in batches]))  # the `high` largest of all last
+
+        def value(rank: int) -> np.float64:  # the rank-th smallest of all `count` values
+            return smallest[rank] if rank < low else largest[len(largest) - (count - rank)]
+
+        bounds = _lerp(np.array([value(int(i)) for i in previous]), np.array([value(int(i)) for i in following]),
+                       gamma)
+        return float(bounds[0]), float(bounds[1])
 
 
 MSE_BINS = 8192

@@ -1,0 +1,64 @@
+"""lib/seed_pool.py: per-seed work side by side in forked workers, within the thread budget; the
+same results, in seed order, as one after another; failures reported per seed."""
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from stages.lib import seed_pool, threads
+from stages.lib.errors import PipelineError
+
+
+@pytest.fixture
+def two_cpus(monkeypatch):
+    """A budget of two threads, whatever this machine has."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setenv(threads.ENV, "1")
+
+
+def work(seed: int) -> tuple[int, int, str, float]:
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((200, 200))
+    return seed, os.getpid(), os.environ["OMP_NUM_THREADS"], float((a @ a.T).sum())
+
+
+def test_two_workers_share_the_budget_and_give_the_serial_results_in_seed_order(two_cpus, monkeypatch):
+    seeds = [4, 0, 3, 1, 2]
+    results = seed_pool.map_seeds(work, seeds)
+    assert [r[0] for r in results] == seeds
+    assert {r[1] for r in results} - {os.getpid()} and len({r[1] for r in results}) == 2  # two workers, not us
+    assert {r[2] for r in results} == {"1"}  # each worker one thread of the two
+    monkeypatch.setenv(threads.ENV, "2")  # a budget of one: in this process, one after another
+    serial = seed_pool.map_seeds(work, seeds)
+    assert {r[1] for r in serial} == {os.getpid()}
+    assert [r[3] for r in serial] == [r[3] for r in results]
+
+
+def test_a_closure_over_local_data_reaches_the_workers_unpickled(two_cpus):
+    images = np.arange(10.0)
+    assert seed_pool.map_seeds(lambda seed: float(images[seed]), [1, 2, 3]) == [1.0, 2.0, 3.0]
+
+
+def fails_on_three(seed: int) -> int:
+    if seed == 3:
+        raise PipelineError(f"seed {seed}: bad input")
+    return seed
+
+
+def test_a_workers_pipeline_error_is_raised_with_its_message(two_cpus):
+    with pytest.raises(PipelineError, match="seed 3: bad input"):
+        seed_pool.map_seeds(fails_on_three, [1, 2, 3, 4])
+
+
+def dies_on_two(seed: int) -> int:
+    if seed == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return seed
+
+
+def test_a_worker_that_dies_fails_the_stage_naming_a_seed(two_cpus):
+    with pytest.raises(PipelineError, match=r"a worker process died .* before calibration seed \d was done"):
+        seed_pool.map_seeds(dies_on_two, [1, 2, 3])
