@@ -100,12 +100,10 @@ def torch_layers(path: Path) -> tuple[list[tuple[str, str, bool]], list[str]]:
 def torch_x86_layers(path: Path) -> tuple[list[tuple[str, str, bool]], list[str]]:
     """A PT2E program as runners.torch_x86 runs it: the graph torchao's x86 lowering produces
     (oneDNN's quantized convolution / linear kernels, and whatever it leaves in float)."""
-    import torch
-
     from .runners import x86_lowered
 
-    _, lower = x86_lowered(path)
-    return _graph_layers(lower(torch.zeros(2, 32, 32, 3)).graph)
+    _, lower = x86_lowered(Path(path))
+    return _graph_layers(lower().graph)
 
 
 def xnnpack_graph(payload: bytes) -> dict:
