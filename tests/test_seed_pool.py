@@ -26,7 +26,7 @@ def work(seed: int) -> tuple[int, int, str, float]:
 
 
 def test_two_workers_share_the_budget_and_give_the_serial_results_in_seed_order(two_cpus, monkeypatch):
-    seeds = [4, 0, 3, 1, 2]
+    seeds = [4, 0, 3, 1]
     results = seed_pool.map_seeds(work, seeds)
     assert [r[0] for r in results] == seeds
     assert seed_pool.workers(len(seeds)) == 2
@@ -63,3 +63,11 @@ def dies_on_two(seed: int) -> int:
 def test_a_worker_that_dies_fails_the_stage_naming_a_seed(two_cpus):
     with pytest.raises(PipelineError, match=r"a worker process died .* before calibration seed \d was done"):
         seed_pool.map_seeds(dies_on_two, [1, 2, 3])
+
+
+def test_the_last_incomplete_round_takes_the_idle_workers_threads(two_cpus):
+    assert seed_pool.shares(5, 2) == [2, 2, 2, 2, 1]  # the fifth seed runs alone: the whole budget
+    assert seed_pool.shares(4, 2) == [2, 2, 2, 2]
+    results = seed_pool.map_seeds(work, [0, 1, 2, 3, 4])
+    assert [r[2] for r in results[:4]] == ["1"] * 4 and results[4][2] == "2"
+    assert [r[3] for r in results] == [work(seed)[3] for seed in range(5)]  # same numbers with 2 threads

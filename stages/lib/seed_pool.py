@@ -1,21 +1,26 @@
-"""Calibration seeds side by side: a stage whose per-seed work is single-threaded Python (PT2E's
-export, annotation and lowering passes; the x86 lowering before each evaluation) hands each seed
-to one of several worker processes, within the stage's thread budget.
+"""Calibration seeds side by side: a stage that repeats its work for every calibration seed hands
+each seed to one of several forked worker processes, within the stage's thread budget. Much of
+that work is single-threaded Python (PT2E's export, annotation and lowering passes, the x86
+lowering before each evaluation, the reference evaluator's ops), and the rest (AdaRound's float64
+gemms) scales less than linearly with threads, so two one-thread workers beat one two-thread
+process on two cores.
 
     results = map_seeds(work, seeds)   # [work(seed) for seed in seeds], in seed order
 
-With a budget of B threads (lib/threads.py) there are min(B, len(seeds)) workers, each with B //
-workers threads (a worker counts as one more stage running at once); with one (a one-CPU machine, RESNET8_PARALLEL_STAGES equal to the CPUs, one
-seed) the seeds run one after another in this process, as before. A seed's result does not
-depend on which process computed it or with how many threads: the per-seed work is the same
-code on the same inputs, and tests/test_stages_frameworks.py compares a one-thread build (one
-worker) with a two-thread one (two workers) bit for bit.
+With a budget of B threads (lib/threads.py) there are min(B, len(seeds)) workers, each with
+B // workers threads (a worker counts as one more stage running at once); the seeds of a last,
+incomplete round (the fifth of five seeds on two workers) take the threads the idle workers
+leave. With one worker (one CPU, RESNET8_PARALLEL_STAGES equal to the CPUs, or one seed) the
+seeds run one after another in this process. A seed's result does not depend on which process
+computed it or with how many threads: tests/test_stages_frameworks.py compares a one-thread build
+(one worker) with a two-thread one (two workers) bit for bit, and the committed dvc.lock was
+rebuilt with the workers without a changed output.
 
 The workers are forked, so `work` may be a closure over large inputs (nothing is pickled but the
 seed and the result). The parent must not have run a framework's thread pool before calling
 (forking a running OpenMP pool can hang the child): the stages call this before any tensor work
 of their own. A worker's PipelineError is raised again here with its message; a worker that dies
-(a crash, out of memory) fails the stage with an error naming the seed.
+(a crash, out of memory) fails the stage with an error naming the first seed not done.
 """
 from __future__ import annotations
 
@@ -52,8 +57,18 @@ def _set_threads(stages: int) -> None:
         sys.modules["torch"].set_num_threads(threads.budget())
 
 
-def _run(seed: int):
+def _run(seed: int, stages: int):
+    if os.environ.get(threads.ENV) != str(stages):
+        _set_threads(stages)
     return _work(seed)
+
+
+def shares(seeds: int, count: int) -> list[int]:
+    """Per seed, as how many of RESNET8_PARALLEL_STAGES its worker counts: the budget split among
+    the `count` workers, except the seeds of a last, incomplete round (5 seeds on 2 workers: the
+    fifth), which run while the other workers are idle and get their threads."""
+    stages, last = threads.parallel_stages(), seeds % count
+    return [stages * (count if index < seeds - last else last) for index in range(seeds)]
 
 
 def map_seeds(work: Callable[[int], Result], seeds: list[int]) -> list[Result]:
@@ -66,7 +81,7 @@ def map_seeds(work: Callable[[int], Result], seeds: list[int]) -> list[Result]:
     try:
         with ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("fork"),
                                  initializer=_set_threads, initargs=(threads.parallel_stages() * count,)) as pool:
-            futures = [pool.submit(_run, seed) for seed in seeds]
+            futures = [pool.submit(_run, seed, stages) for seed, stages in zip(seeds, shares(len(seeds), count))]
             results = []
             for seed, future in zip(seeds, futures):
                 try:
