@@ -20,7 +20,7 @@ from pathlib import Path
 from .lib import params as params_lib
 from .lib import ranges as ranges_lib
 from .lib.calibration import CalibrationSet, seed_dir, seed_file
-from .lib.errors import run_main
+from .lib.errors import PipelineError, run_main
 from .lib.files import atomic_path, write_json
 from .lib.seed_pool import map_seeds
 
@@ -42,6 +42,10 @@ def main() -> None:
     def round_seed(seed: int) -> tuple[dict, int]:
         """One draw's rounding, written to tmp/seed_<seed>.onnx; returns ({layer: stats}, images)."""
         images = CalibrationSet.load(seed_dir(args.calibration, seed)).images
+        if p["images"] > len(images):
+            raise PipelineError(f"adaround.images = {p['images']} is more than the {len(images)} images of "
+                                f"calibration seed {seed} (calibrate.samples); use at most that, or 0 for all")
+        images = images[:p["images"] or len(images)]  # a draw is in random order: any N are a random subset
         if p["iterations"] == 0:
             shutil.copyfile(args.model, seed_file(tmp, seed, ".onnx"))
             return {}, len(images)

@@ -90,6 +90,7 @@ SCHEMA: dict[str, dict[str, Rule]] = {
     "quantize": {"dtypes": _DTYPES},
     "adaround": {
         "iterations": _int_range(0, 100_000),
+        "images": _int_range(0, TRAIN_POOL),
         "batch": _int_range(0, TRAIN_POOL),
         "quantized_inputs": _BOOL,
     },
