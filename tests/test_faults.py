@@ -993,6 +993,22 @@ def test_drift_gate_stops_convert_torch_naming_the_stage_and_the_figure(base, tm
     assert not temporaries(project, [out, metrics])
 
 
+def test_adaround_images_beyond_a_draw_is_one_error_line_and_no_output(base, tmp_path):
+    project = clone(base, tmp_path / "project")
+    samples = yaml.safe_load((project / "params.yaml").read_text())["calibrate"]["samples"]
+    write_params(project, {"adaround": {"images": samples + 1}})
+    out, metrics = "out/a", "out/m.json"
+    result = run_module("stages.adaround", "--dtype", "int8", "--model", FOLDED, "--calibration", CALIBRATION,
+                        "--ranges", RANGES, "--out", out, "--metrics", metrics, cwd=project, check=False)
+    line = last_line(result.stderr)
+    record(f"adaround.images {samples + 1} > calibrate.samples {samples}", "adaround",
+           f"exit {result.returncode}; {line[:110]}")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert line.startswith(f"error: adaround.images = {samples + 1} is more than the {samples} images"), line
+    assert not (project / out).exists() and not (project / metrics).exists()
+    assert not temporaries(project, [out, metrics])
+
+
 def _runs(conv: int, gemm: int, float_layers: list[str]) -> dict:
     """An execution summary (stages.lib.execution) with `conv` of 9 Conv and `gemm` of 1 Gemm integer."""
     return {"layers": {"Conv": f"{conv}/9 integer", "Gemm": f"{gemm}/1 integer", "Add": "3/3 integer"},

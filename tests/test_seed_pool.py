@@ -17,6 +17,7 @@ def two_cpus(monkeypatch):
     """A budget of two threads, whatever this machine has."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     monkeypatch.setenv(threads.ENV, "1")
+    monkeypatch.setattr(threads, "USER_SET", set())  # no thread count given by whoever runs the tests
 
 
 def work(seed: int) -> tuple[int, int, str, float]:
@@ -71,3 +72,8 @@ def test_the_last_incomplete_round_takes_the_idle_workers_threads(two_cpus):
     results = seed_pool.map_seeds(work, [0, 1, 2, 3, 4])
     assert [r[2] for r in results[:4]] == ["1"] * 4 and results[4][2] == "2"
     assert [r[3] for r in results] == [work(seed)[3] for seed in range(5)]  # same numbers with 2 threads
+
+
+def test_a_thread_count_the_user_set_is_kept_and_the_seeds_run_here(two_cpus, monkeypatch):
+    monkeypatch.setattr(threads, "USER_SET", {"OMP_NUM_THREADS"})
+    assert {r[1] for r in seed_pool.map_seeds(work, [0, 1, 2])} == {os.getpid()}

@@ -321,21 +321,30 @@ QUANTIZE_ARTIFACTS = [*(f"{RANGES}/seed_{s}.json" for s in SEEDS),
 MODEL_ARTIFACTS = ["models/onnx/resnet8.onnx", FLOAT_MODEL["torch"], "models/onnx_folded/resnet8.onnx",
                    *QUANTIZE_ARTIFACTS]
 # What can be switched on one machine: thread counts, and the kernels torch, oneDNN and TensorFlow
-# pick for the CPU (ONNX Runtime's MLAS has no such switch).
+# pick for the CPU (ONNX Runtime's MLAS has no such switch); and the seed workers (lib/seed_pool.py):
+# the fixture builds each seed in a worker of one thread, so a one-seed build (no workers: this
+# process, two threads) compares two threads with one.
 SWITCHES = {
-    "one thread, portable kernels": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-                                     "ATEN_CPU_CAPABILITY": "default", "TF_ENABLE_ONEDNN_OPTS": "0"},
-    "AVX2 kernels": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    "one thread, portable kernels": ({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                                      "ATEN_CPU_CAPABILITY": "default", "TF_ENABLE_ONEDNN_OPTS": "0"}, SEEDS),
+    "AVX2 kernels, one seed on two threads": ({"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                                               "RESNET8_PARALLEL_STAGES": "1"}, SEEDS[:1]),
 }
 
 
 @pytest.mark.parametrize("switch", SWITCHES)
 def test_every_model_artifact_is_the_same_under_thread_and_isa_switches(tiny, switch, tmp_path):
+    import yaml
+
+    env, seeds = SWITCHES[switch]
     project = tmp_path / "project"
     for name in ("params.yaml", FLOAT_MODEL["keras"], "data/cifar10"):
         (project / name).parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if (tiny / name).is_dir() else shutil.copy)(tiny / name, project / name)
-    stage = partial(run_module, cwd=project, **SWITCHES[switch])
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["calibrate"]["seeds"] = seeds  # each seed's models are built on their own, from its own draw
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    stage = partial(run_module, cwd=project, **env)
     folded = "models/onnx_folded/resnet8.onnx"
     stage("stages.convert_onnx", "--keras", FLOAT_MODEL["keras"], "--data", "data/cifar10",
           "--out", FLOAT_MODEL["onnx"], "--metrics", "metrics/convert_onnx.json")
@@ -346,11 +355,14 @@ def test_every_model_artifact_is_the_same_under_thread_and_isa_switches(tiny, sw
                 partial(stage, "stages.calibrate", "--data", "data/cifar10", "--out", "data/calibration"))
     stage("stages.activation_ranges", "--model", folded, "--calibration", "data/calibration", "--out", RANGES)
     quantize_chain(stage, folded)
-    differ = [name for name in MODEL_ARTIFACTS if (project / name).read_bytes() != (tiny / name).read_bytes()]
+    built = [name for name in MODEL_ARTIFACTS if "seed_" not in name or any(f"seed_{s}" in name for s in seeds)]
+    differ = [name for name in built if (project / name).read_bytes() != (tiny / name).read_bytes()]
     assert not differ, f"{switch} changed {differ}"
-    for name in ("metrics/adaround/int8.json", "metrics/adaround/uint8.json", "metrics/fold_batchnorm.json",
-                 "metrics/convert_onnx.json", "metrics/convert_torch.json"):
+    for name in ("metrics/fold_batchnorm.json", "metrics/convert_onnx.json", "metrics/convert_torch.json"):
         assert read(project, name) == read(tiny, name), name
+    for dtype in DTYPES:
+        ours, fixture = (read(p, f"metrics/adaround/{dtype}.json")["seeds"] for p in (project, tiny))
+        assert ours == {str(s): fixture[str(s)] for s in seeds}, dtype
 
 
 def test_last_bit_noise_in_float_activations_changes_no_range_and_no_rounding(tiny):

@@ -10,11 +10,12 @@ process on two cores.
 With a budget of B threads (lib/threads.py) there are min(B, len(seeds)) workers, each with
 B // workers threads (a worker counts as one more stage running at once); the seeds of a last,
 incomplete round (the fifth of five seeds on two workers) take the threads the idle workers
-leave. With one worker (one CPU, RESNET8_PARALLEL_STAGES equal to the CPUs, or one seed) the
-seeds run one after another in this process. A seed's result does not depend on which process
-computed it or with how many threads: tests/test_stages_frameworks.py compares a one-thread build
-(one worker) with a two-thread one (two workers) bit for bit, and the committed dvc.lock was
-rebuilt with the workers without a changed output.
+leave. With one worker (one CPU, RESNET8_PARALLEL_STAGES equal to the CPUs, one seed, or a
+thread count the user set, such as OMP_NUM_THREADS) the seeds run one after another in this process. A seed's result does not depend on which process
+computed it or with how many threads: tests/test_stages_frameworks.py compares the seeds built by
+one-thread workers with a seed built by one process of two threads (and with one thread, portable
+kernels), bit for bit, and the committed dvc.lock was rebuilt with the workers without a changed
+output.
 
 The workers are forked, so `work` may be a closure over large inputs (nothing is pickled but the
 seed and the result). The parent must not have run a framework's thread pool before calling
@@ -39,6 +40,10 @@ _work: Callable | None = None  # the forked workers' task: set in the parent jus
 
 
 def workers(seeds: int) -> int:
+    """How many worker processes: none besides this one when the user set a thread count
+    (OMP_NUM_THREADS=...: it is kept, so the seeds run one after another with it)."""
+    if threads.USER_SET:
+        return 1
     return max(1, min(threads.budget(), seeds))
 
 

@@ -36,8 +36,12 @@ def budget() -> int:
     return max(1, len(os.sched_getaffinity(0)) // parallel_stages())
 
 
+USER_SET: set[str] = set()  # the thread counts the user gave (left alone; lib/seed_pool.py then runs seeds one by one)
+
+
 def apply() -> int:
     threads = budget()
+    USER_SET.update(name for name in PER_PROCESS if name in os.environ)
     for name in PER_PROCESS:
         os.environ.setdefault(name, str(threads))
     os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
