@@ -94,3 +94,10 @@ def test_percentile_of_values_with_nan_is_nan_as_numpy_gives():
     parts = [ranges.Tails.of_batch(b, values.size, 99.0) for b in np.split(values, 4)]
     assert all(np.isnan(ranges.Tails.percentiles(parts, 99.0)))
     assert all(np.isnan(np.percentile(values, [1.0, 99.0])))
+
+
+def test_percentile_tails_cut_for_another_count_are_refused():
+    values = np.arange(1000.0)
+    parts = [ranges.Tails.of_batch(b, 2000, 99.0) for b in np.split(values, 4)]  # cut for 2,000 values
+    with pytest.raises(ValueError, match="hold 1000 values, not the 2000"):
+        ranges.Tails.percentiles(parts, 99.0)

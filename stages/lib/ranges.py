@@ -66,9 +66,11 @@ class Tails:
     [100 - p, p]) interpolates between: the batch's `low` smallest and `high` largest values (any
     value among the k smallest of all is among the k smallest of its batch). `percentiles` then
     gives exactly what np.percentile over every value gives (numpy's own index, weight and
-    interpolation functions on the same order statistics), without keeping every value of every
-    batch (hundreds of MB per tensor) and without partitioning them all at once."""
+    interpolation functions, private ones of the pinned numpy, on the same order statistics;
+    tests/test_ranges.py compares with np.percentile), without keeping every value of every batch
+    (hundreds of MB per tensor) and without partitioning them all at once."""
     count: int  # values of the tensor over all batches
+    size: int  # values of this batch
     smallest: np.ndarray
     largest: np.ndarray
     nan: bool
@@ -93,15 +95,18 @@ class Tails:
         *_, low, high = cls._positions(count, percentile)
         nan = bool(np.isnan(values).any())
         if low + high >= len(values):
-            return cls(count, values, values, nan)
+            return cls(count, len(values), values, values, nan)
         parted = np.partition(values, [low - 1, len(values) - high])
-        return cls(count, parted[:low], parted[len(values) - high:], nan)
+        return cls(count, len(values), parted[:low], parted[len(values) - high:], nan)
 
     @classmethod
     def percentiles(cls, batches: list["Tails"], percentile: float) -> tuple[float, float]:
         from numpy.lib._function_base_impl import _lerp
 
         count = batches[0].count
+        if sum(b.size for b in batches) != count:
+            raise ValueError(f"percentile tails: the batches hold {sum(b.size for b in batches)} values, "
+                             f"not the {count} they were cut for")
         if any(b.nan for b in batches):
             return float("nan"), float("nan")  # as np.percentile gives
         previous, following, gamma, low, _ = cls._positions(count, percentile)
