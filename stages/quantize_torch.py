@@ -1,5 +1,5 @@
 """Stage quantize_torch: static post-training quantization with PyTorch (PT2E, torchao), one dtype
-per run, every calibration seed in the same process.
+per run, every calibration seed in this stage (side by side in worker processes, lib/seed_pool.py).
 
     python -m stages.quantize_torch --dtype uint8 --model models/adaround_uint8 \
         --calibration data/calibration --ranges models/activation_ranges --out models/torch_uint8
