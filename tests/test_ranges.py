@@ -45,13 +45,17 @@ def _conv_pool_graph(pads, strides, kernel, group=1):
     rng = np.random.default_rng(1)
     weight = rng.standard_normal((4, 6 // group, *kernel))
     bias = rng.standard_normal(4)
+    second = rng.standard_normal((4, 4, 3, 3))  # takes the first conv's output (an NCHW view of NHWC memory)
     nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=pads, strides=strides, kernel_shape=kernel,
                               group=group),
-             helper.make_node("AveragePool", ["y"], ["z"], kernel_shape=[2, 2], strides=[2, 2]),
-             helper.make_node("AveragePool", ["y"], ["v"], kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1])]
+             helper.make_node("Relu", ["y"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["y2"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+             helper.make_node("AveragePool", ["y2"], ["z"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("AveragePool", ["y2"], ["v"], kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1])]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, None)],
-                              [helper.make_tensor_value_info(n, TensorProto.DOUBLE, None) for n in ("z", "v")],
-                              [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
+                              [helper.make_tensor_value_info(n, TensorProto.DOUBLE, None) for n in ("y", "r", "z", "v")],
+                              [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b"),
+                               numpy_helper.from_array(second, "w2")])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
@@ -59,8 +63,9 @@ def _conv_pool_graph(pads, strides, kernel, group=1):
     ([1, 1, 1, 1], [1, 1], [3, 3], 1), ([0, 0, 1, 1], [2, 2], [3, 3], 1), ([0, 0, 0, 0], [2, 2], [1, 1], 1),
     ([1, 1, 1, 1], [1, 1], [3, 3], 2)])
 def test_fast_conv_and_pool_give_the_reference_evaluators_numbers(pads, strides, kernel, group):
-    """reference.FAST_OPS against ONNX's own reference ops: ResNet8's three conv shapes (the same
-    bits), and a grouped conv and a padded pool (handed to the evaluator's own ops)."""
+    """reference.FAST_OPS against ONNX's own reference ops: ResNet8's three conv shapes (sums in
+    another order: within last float64 bits), a Relu and a conv on the first conv's output, and a
+    grouped conv and a padded pool (handed to the evaluator's own ops)."""
     from onnx.reference import ReferenceEvaluator
 
     from stages.lib import reference
@@ -81,23 +86,32 @@ def test_percentile_from_batch_tails_is_numpys_percentile_of_every_value(percent
     rng = np.random.default_rng(int(percentile * 1000) + batches)
     relu = np.maximum(rng.standard_t(3, (batches * 4, 8, 9, 5)), 0)  # ties (zeros) and a long tail
     relu[rng.integers(0, len(relu))] *= 50
-    for values in (relu, np.round(rng.normal(0, 3, relu.shape), 1)):  # and many ties on both sides
-        parts = [ranges.Tails.of_batch(b.ravel(), values.size, percentile) for b in np.split(values, batches)]
-        assert ranges.Tails.percentiles(parts, percentile) == tuple(np.percentile(values, [100 - percentile, percentile]))
-        if batches > 1 and percentile >= 99:
-            assert sum(len(p.smallest) + len(p.largest) for p in parts) < values.size  # only the tails kept
+    falling = np.arange(relu.size, 0, -1.0).reshape(relu.shape) ** 1.5  # each batch holds new smallest values
+    rising = falling[::-1].copy()  # and new largest
+    for values in (relu, np.round(rng.normal(0, 3, relu.shape), 1), falling, rising):  # and many ties on both sides
+        tails = ranges.Tails(values.size, percentile)
+        for batch in np.split(values, batches):
+            tails.add(batch.transpose(0, 2, 3, 1))  # any memory order
+        assert tails.percentiles() == tuple(np.percentile(values, [100 - percentile, percentile]))
+        if percentile >= 99:
+            assert len(tails.smallest) + len(tails.largest) < values.size  # only the tails kept
 
 
-def test_percentile_of_values_with_nan_is_nan_as_numpy_gives():
+@pytest.mark.parametrize("where", [5, 500, 995])
+def test_percentile_of_values_with_nan_is_nan_as_numpy_gives(where):
     values = np.arange(1000.0)
-    values[5] = np.nan
-    parts = [ranges.Tails.of_batch(b, values.size, 99.0) for b in np.split(values, 4)]
-    assert all(np.isnan(ranges.Tails.percentiles(parts, 99.0)))
+    values[where] = np.nan  # in the first batch, or in one after the kept tails are full
+    tails = ranges.Tails(values.size, 99.0)
+    for batch in np.split(values, 4):
+        tails.add(batch)
+    assert all(np.isnan(tails.percentiles()))
     assert all(np.isnan(np.percentile(values, [1.0, 99.0])))
 
 
 def test_percentile_tails_cut_for_another_count_are_refused():
     values = np.arange(1000.0)
-    parts = [ranges.Tails.of_batch(b, 2000, 99.0) for b in np.split(values, 4)]  # cut for 2,000 values
-    with pytest.raises(ValueError, match="hold 1000 values, not the 2000"):
-        ranges.Tails.percentiles(parts, 99.0)
+    tails = ranges.Tails(2000, 99.0)  # cut for 2,000 values
+    for batch in np.split(values, 4):
+        tails.add(batch)
+    with pytest.raises(ValueError, match="held 1000 values, not the 2000"):
+        tails.percentiles()

@@ -37,43 +37,45 @@ def compute(model: str | Path, images: np.ndarray, method: str, percentile: floa
     if method not in ("MinMax", "Percentile", "MSE"):
         raise PipelineError(f"unknown calibration method '{method}' (expected MinMax, Percentile or MSE)")
     seen: dict[str, list] = {}
+    tails: dict[str, Tails] = {}
     for batch in activations(model, images):
         for name, value in batch.items():
             value = value if perturb is None else perturb(value)
-            if method == "MinMax":
-                part = np.array([value.min(), value.max()])
-            elif method == "Percentile":  # the batch's candidates for the order statistics wanted
-                part = Tails.of_batch(value.ravel(), value.size // len(value) * len(images), percentile)
+            if method == "Percentile":  # the candidates for the order statistics wanted
+                tails.setdefault(name, Tails(value.size // len(value) * len(images), percentile)).add(value)
             else:
-                part = value.ravel()
-            seen.setdefault(name, []).append(part)
+                seen.setdefault(name, []).append(np.array([value.min(), value.max()]) if method == "MinMax"
+                                                 else value.ravel(order="K"))
     ranges = {}
-    for name, parts in seen.items():
+    for name in (tails or seen):
         if method == "MinMax":
-            values = np.concatenate(parts)
+            values = np.concatenate(seen[name])
             low, high = values.min(), values.max()
         elif method == "Percentile":
-            low, high = Tails.percentiles(parts, percentile)
+            low, high = tails[name].percentiles()
         else:
-            low, high = mse_range(np.concatenate(parts))
+            low, high = mse_range(np.concatenate(seen[name]))
         ranges[name] = Range(float(np.float32(min(low, 0.0))), float(np.float32(max(high, 0.0))))
     return ranges
 
 
-@dataclass(frozen=True)
 class Tails:
-    """The values of one batch that can be among the order statistics np.percentile(all values,
-    [100 - p, p]) interpolates between: the batch's `low` smallest and `high` largest values (any
-    value among the k smallest of all is among the k smallest of its batch). `percentiles` then
-    gives exactly what np.percentile over every value gives (numpy's own index, weight and
-    interpolation functions, private ones of the pinned numpy, on the same order statistics;
-    tests/test_ranges.py compares with np.percentile), without keeping every value of every batch
-    (hundreds of MB per tensor) and without partitioning them all at once."""
-    count: int  # values of the tensor over all batches
-    size: int  # values of this batch
-    smallest: np.ndarray
-    largest: np.ndarray
-    nan: bool
+    """The values of one tensor, batch after batch, that can be among the order statistics
+    np.percentile(all values, [100 - p, p]) interpolates between: the `low` smallest and the
+    `high` largest seen so far. `percentiles` then gives exactly what np.percentile over every
+    value gives (numpy's own index, weight and interpolation functions, private ones of the pinned
+    numpy, on the same order statistics; tests/test_ranges.py compares with np.percentile), without
+    keeping every value of every batch (hundreds of MB per tensor).
+
+    Once `low` values are kept, only a new value below the largest of them can change which values
+    the `low` smallest are (one equal to it can only replace it by the same number), so a batch
+    costs one comparison per value and a partition of the few that pass; likewise for `high`."""
+
+    def __init__(self, count: int, percentile: float):
+        self.count, self.percentile = count, percentile  # count: values of the tensor over all batches
+        self.previous, self.following, self.gamma, self.low, self.high = self._positions(count, percentile)
+        self.smallest = self.largest = np.empty(0)
+        self.seen, self.nan = 0, False
 
     @staticmethod
     def _positions(count: int, percentile: float):
@@ -90,34 +92,50 @@ class Tails:
         high = count - int(min(previous[1], following[1]))
         return previous, following, gamma, low, high
 
-    @classmethod
-    def of_batch(cls, values: np.ndarray, count: int, percentile: float) -> "Tails":
-        *_, low, high = cls._positions(count, percentile)
-        nan = bool(np.isnan(values).any())
-        if low + high >= len(values):
-            return cls(count, len(values), values, values, nan)
-        parted = np.partition(values, [low - 1, len(values) - high])
-        return cls(count, len(values), parted[:low], parted[len(values) - high:], nan)
+    def add(self, values: np.ndarray) -> None:
+        """One batch's values (any shape, any memory order)."""
+        values = values.ravel(order="K")
+        self.seen += values.size
+        self.nan = self.nan or bool(np.isnan(values).any())
+        if len(self.smallest) == self.low:
+            below = values[values < self.smallest[-1]]  # smallest[-1]: the largest kept (see _keep)
+            if len(below):
+                self.smallest = self._keep(np.concatenate([self.smallest, below]), self.low, smallest=True)
+        else:
+            self.smallest = self._keep(np.concatenate([self.smallest, values]), self.low, smallest=True)
+        if len(self.largest) == self.high:
+            above = values[values > self.largest[0]]  # largest[0]: the smallest kept
+            if len(above):
+                self.largest = self._keep(np.concatenate([self.largest, above]), self.high, smallest=False)
+        else:
+            self.largest = self._keep(np.concatenate([self.largest, values]), self.high, smallest=False)
 
-    @classmethod
-    def percentiles(cls, batches: list["Tails"], percentile: float) -> tuple[float, float]:
+    @staticmethod
+    def _keep(values: np.ndarray, wanted: int, smallest: bool) -> np.ndarray:
+        """The `wanted` smallest (largest) of `values`, the largest (smallest) of them last (first);
+        all of them while there are no more than `wanted`."""
+        if len(values) <= wanted:
+            return np.sort(values)
+        if smallest:
+            return np.partition(values, wanted - 1)[:wanted]
+        return np.partition(values, len(values) - wanted)[len(values) - wanted:]
+
+    def percentiles(self) -> tuple[float, float]:
         from numpy.lib._function_base_impl import _lerp
 
-        count = batches[0].count
-        if sum(b.size for b in batches) != count:
-            raise ValueError(f"percentile tails: the batches hold {sum(b.size for b in batches)} values, "
-                             f"not the {count} they were cut for")
-        if any(b.nan for b in batches):
+        if self.seen != self.count:
+            raise ValueError(f"percentile tails: the batches held {self.seen} values, not the {self.count} "
+                             "they were cut for")
+        if self.nan:
             return float("nan"), float("nan")  # as np.percentile gives
-        previous, following, gamma, low, _ = cls._positions(count, percentile)
-        smallest = np.sort(np.concatenate([b.smallest for b in batches]))  # the `low` smallest of all first
-        largest = np.sort(np.concatenate([b.largest for b in batches]))  # the `high` largest of all last
+        count, low = self.count, self.low
+        smallest, largest = np.sort(self.smallest), np.sort(self.largest)
 
         def value(rank: int) -> np.float64:  # the rank-th smallest of all `count` values
             return smallest[rank] if rank < low else largest[len(largest) - (count - rank)]
 
-        bounds = _lerp(np.array([value(int(i)) for i in previous]), np.array([value(int(i)) for i in following]),
-                       gamma)
+        bounds = _lerp(np.array([value(int(i)) for i in self.previous]),
+                       np.array([value(int(i)) for i in self.following]), self.gamma)
         return float(bounds[0]), float(bounds[1])
 
 

@@ -6,9 +6,9 @@ In float32, CPU kinds (AVX2, AVX-512, AMX kernels) and thread counts give last-b
 and a range or a rounding decision can flip on them; in float64 the same differences are about
 1e-16 relative, nine orders of magnitude below the float32 step that the results are rounded to.
 
-Conv and AveragePool run as `FAST_OPS`: the same arithmetic in float64 with numpy's gemm instead
-of the evaluator's python loops (the model's convs about 2x faster, the same bits on ResNet8;
-tests/test_ranges.py compares them with the evaluator's own ops).
+Conv, Relu and AveragePool run as `FAST_OPS`: the same arithmetic in float64, the convs with
+numpy's gemm instead of the evaluator's python loops, channels-last (their sums in another order:
+last float64 bits; tests/test_ranges.py compares them with the evaluator's own ops).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from typing import Iterator
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+from onnx.reference.ops._op import OpRunUnaryNum
 from onnx.reference.ops.op_average_pool import AveragePool_19
 from onnx.reference.ops.op_conv import Conv as ReferenceConv
 
@@ -24,9 +25,16 @@ BATCH_SIZE = 100
 
 
 class Conv(ReferenceConv):
-    """2-D Conv with explicit pads, no dilation, one group: windows of the padded input, then one
-    tensordot (gemm) per CHUNK images (small enough for the gathered windows to stay in cache: 2x
-    faster than whole batches, same numbers); anything else goes to the evaluator's own Conv."""
+    """2-D Conv with explicit pads, no dilation, one group, computed channels-last: each image's
+    padded NHWC copy, its windows laid out as rows of (kh, kw, c) values (runs of c contiguous
+    values, cheap to gather), and one gemm per CHUNK images (small enough for the rows to stay in
+    cache). The output is returned as an NCHW view of NHWC memory, which the next Conv takes as
+    it is, and element-wise ops keep; anything else goes to the evaluator's own Conv.
+
+    Each output is the same dot product as the evaluator's, summed in another order (kh, kw, c
+    rather than c, kh, kw): float64 last bits, far below what the float32 ranges are rounded to
+    (tests/test_ranges.py compares the two; tests/test_stages_frameworks.py shows 4-ulp noise
+    moves no range)."""
 
     CHUNK = 8
 
@@ -39,16 +47,30 @@ class Conv(ReferenceConv):
                                 kernel_shape=kernel_shape, pads=pads, strides=strides)
         top, left, bottom, right = pads or [0, 0, 0, 0]
         sh, sw = strides or [1, 1]
-        kh, kw = W.shape[2:]
-        parts = []
-        for start in range(0, len(X), self.CHUNK):
-            padded = np.pad(X[start:start + self.CHUNK], ((0, 0), (0, 0), (top, bottom), (left, right)))
-            windows = sliding_window_view(padded, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]  # N C Ho Wo kh kw
-            parts.append(np.tensordot(windows, W, axes=([1, 4, 5], [1, 2, 3])))  # N Ho Wo O
-        out = np.concatenate(parts)
+        count, channels, height, width = X.shape
+        outs, _, kh, kw = W.shape
+        ho, wo = (height + top + bottom - kh) // sh + 1, (width + left + right - kw) // sw + 1
+        nhwc = X.transpose(0, 2, 3, 1)  # a view; contiguous when X came from this Conv or the input Transpose
+        weight = np.ascontiguousarray(W.transpose(2, 3, 1, 0).reshape(kh * kw * channels, outs))
+        padded = np.zeros((self.CHUNK, height + top + bottom, width + left + right, channels), X.dtype)
+        out = np.empty((count, ho, wo, outs), X.dtype)
+        for start in range(0, count, self.CHUNK):
+            n = min(self.CHUNK, count - start)
+            padded[:n, top:top + height, left:left + width] = nhwc[start:start + n]
+            windows = sliding_window_view(padded[:n], (kh, kw), axis=(1, 2))[:, ::sh, ::sw]  # N Ho Wo C kh kw
+            rows = windows.transpose(0, 1, 2, 4, 5, 3).reshape(n * ho * wo, kh * kw * channels)
+            np.matmul(rows, weight, out=out[start:start + n].reshape(n * ho * wo, outs))
         if B is not None:
             out += B
-        return (np.ascontiguousarray(out.transpose(0, 3, 1, 2)),)
+        return (out.transpose(0, 3, 1, 2),)
+
+
+class Relu(OpRunUnaryNum):
+    """max(x, 0) without the evaluator's extra copy (its Relu casts the result to x's dtype, which
+    it already has): the same values."""
+
+    def _run(self, x):
+        return (np.maximum(x, x.dtype.type(0)),)
 
 
 class AveragePool(AveragePool_19):
@@ -69,7 +91,7 @@ class AveragePool(AveragePool_19):
         return (x.reshape(n, c, h // kh, kh, w // kw, kw).mean(axis=(3, 5)),)
 
 
-FAST_OPS = [Conv, AveragePool]
+FAST_OPS = [Conv, Relu, AveragePool]
 
 
 def float64_model(path: str | Path):
