@@ -450,9 +450,11 @@ class _Stream:
 
 
 def fake_quantize(x: torch.Tensor, low: float, high: float, levels: int = 256) -> torch.Tensor:
+    """(clamp(round(x / scale) + zero, 0, levels - 1) - zero) * scale, in one new tensor (the
+    same operations in place: no temporary per step)."""
     scale = max(high - low, 1e-8) / (levels - 1)
     zero = round(-low / scale)
-    return (torch.clamp(torch.round(x / scale) + zero, 0, levels - 1) - zero) * scale
+    return (x / scale).round_().add_(zero).clamp_(0, levels - 1).sub_(zero).mul_(scale)
 
 
 def adaround_many(model: nn.Module, images_per_seed: list[np.ndarray], grid: Grid, iterations: int = 1000,

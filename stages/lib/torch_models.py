@@ -27,9 +27,29 @@ from .errors import PipelineError
 MAX_BATCH = 100_000  # the exported programs take any batch size from 1 to this
 
 
+TORCHVISION_CONVERTERS = ("nms", "roialign")  # onnx2torch's converters that import torchvision
+
+
+def _onnx2torch_convert():
+    """onnx2torch's `convert`, loaded without its NonMaxSuppression and RoiAlign converters unless
+    torchvision is already imported: those two import torchvision (1.4 s per process, several
+    times that on an emulated CPU), and ResNet8 has neither op. A graph with one fails to convert
+    with onnx2torch's own error naming the op."""
+    import sys
+    import types
+
+    if "torchvision" not in sys.modules and "onnx2torch" not in sys.modules:
+        for name in TORCHVISION_CONVERTERS:
+            sys.modules[f"onnx2torch.node_converters.{name}"] = types.ModuleType(f"onnx2torch.node_converters.{name}")
+    from onnx2torch import convert
+
+    return convert
+
+
 def from_onnx(path: Path) -> torch.fx.GraphModule:
     import onnx
-    from onnx2torch import convert
+
+    convert = _onnx2torch_convert()
 
     try:
         graph = onnx.load(str(path))
