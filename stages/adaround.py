@@ -25,6 +25,9 @@ from .lib.files import atomic_path, write_json
 from .lib.seed_pool import map_seeds
 
 
+MEMORY_PER_IMAGE = 1.75e6  # bytes one draw's rounding holds per calibration image (3.5 GB for 2,000, measured)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", required=True, choices=params_lib.DTYPES)
@@ -67,10 +70,13 @@ def main() -> None:
         adaround.weights_into_onnx(args.model, model, seed_file(tmp, seed, ".onnx"))
         return layers, len(images)
 
+    per_draw = (p["images"] or all_params["calibrate"]["samples"]) * MEMORY_PER_IMAGE if p["iterations"] else None
     with atomic_path(args.out, directory=True) as tmp:
-        # one draw per worker (lib/seed_pool.py); batching the draws in one optimisation saves 5% of
-        # the time for 4x the memory (9.2 GB for five draws of 2,000 images), same result either way
-        for seed, (layers, count) in zip(seeds, map_seeds(round_seed, seeds)):
+        # one draw per worker (lib/seed_pool.py), as many as memory holds; batching the draws in one
+        # optimisation saves 5% of the time for 4x the memory (9.2 GB for five draws of 2,000
+        # images), same result either way
+        for seed, (layers, count) in zip(seeds, map_seeds(round_seed, seeds,
+                                                          memory_per_seed=per_draw)):
             per_seed[seed] = layers
     summary = {}
     for seed, layers in per_seed.items():

@@ -77,3 +77,20 @@ def test_the_last_incomplete_round_takes_the_idle_workers_threads(two_cpus):
 def test_a_thread_count_the_user_set_is_kept_and_the_seeds_run_here(two_cpus, monkeypatch):
     monkeypatch.setattr(threads, "USER_SET", {"OMP_NUM_THREADS"})
     assert {r[1] for r in seed_pool.map_seeds(work, [0, 1, 2])} == {os.getpid()}
+
+
+def test_no_more_workers_than_the_available_memory_holds(two_cpus, monkeypatch, capsys):
+    monkeypatch.setattr(seed_pool, "available_memory", lambda: 5e9)
+    assert seed_pool.workers_for_memory(2, 2e9) == 2
+    assert seed_pool.workers_for_memory(2, None) == 2  # no estimate: the threads decide
+    assert seed_pool.workers_for_memory(2, 3e9) == 1
+    assert "1 rather than 2: 5.0 GB of memory available, about 3.0 GB per seed" in capsys.readouterr().err
+    assert seed_pool.workers_for_memory(2, 9e9) == 1  # at least one, whatever the estimate
+    results = seed_pool.map_seeds(work, [0, 1, 2], memory_per_seed=3e9)
+    assert {r[1] for r in results} == {os.getpid()}  # one worker: the seeds run here, one after another
+    assert [r[3] for r in results] == [work(seed)[3] for seed in range(3)]
+
+
+def test_available_memory_is_read_from_this_machine():
+    found = seed_pool.available_memory()
+    assert 0 < found < float("inf")

@@ -6,16 +6,21 @@ gemms) scales less than linearly with threads, so two one-thread workers beat on
 process on two cores.
 
     results = map_seeds(work, seeds)   # [work(seed) for seed in seeds], in seed order
+    results = map_seeds(work, seeds, memory_per_seed=3.5e9)   # no more workers than memory holds
 
 With a budget of B threads (lib/threads.py) there are min(B, len(seeds)) workers, each with
 B // workers threads (a worker counts as one more stage running at once); the seeds of a last,
 incomplete round (the fifth of five seeds on two workers) take the threads the idle workers
 leave. With one worker (one CPU, RESNET8_PARALLEL_STAGES equal to the CPUs, one seed, or a
-thread count the user set, such as OMP_NUM_THREADS) the seeds run one after another in this process. A seed's result does not depend on which process
-computed it or with how many threads: tests/test_stages_frameworks.py compares the seeds built by
-one-thread workers with a seed built by one process of two threads (and with one thread, portable
-kernels), bit for bit, and the committed dvc.lock was rebuilt with the workers without a changed
-output.
+thread count the user set, such as OMP_NUM_THREADS) the seeds run one after another in this
+process. A stage that names its memory per seed gets no more workers than the memory available
+now (the kernel's MemAvailable, or the cgroup's limit less its use when that is lower) holds;
+it says so when that makes fewer workers than its threads would.
+
+A seed's result does not depend on which process computed it or with how many threads:
+tests/test_stages_frameworks.py compares the seeds built by one-thread workers with a seed built
+by one process of two threads (and with one thread, portable kernels), bit for bit, and the
+committed dvc.lock was rebuilt with the workers without a changed output.
 
 The workers are forked, so `work` may be a closure over large inputs (nothing is pickled but the
 seed and the result). The parent must not have run a framework's thread pool before calling
@@ -47,6 +52,38 @@ def workers(seeds: int) -> int:
     return max(1, min(threads.budget(), seeds))
 
 
+def available_memory() -> float:
+    """Bytes this process can still allocate without swapping or an out-of-memory kill: the
+    kernel's MemAvailable, or what the cgroup's memory limit leaves when that is less."""
+    found = float("inf")
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    found = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as limit, open("/sys/fs/cgroup/memory.current") as used:
+            text = limit.read().strip()
+            if text != "max":
+                found = min(found, int(text) - int(used.read()))
+    except (OSError, ValueError):
+        pass
+    return found
+
+
+def workers_for_memory(count: int, memory_per_seed: float | None) -> int:
+    """`count` workers, fewer if the available memory holds fewer seeds at once (at least one)."""
+    if not memory_per_seed or count == 1:
+        return count
+    fits = max(1, int(available_memory() // memory_per_seed))
+    if fits < count:
+        print(f"seed workers: {fits} rather than {count}: {available_memory() / 1e9:.1f} GB of memory available, "
+              f"about {memory_per_seed / 1e9:.1f} GB per seed", file=sys.stderr)
+    return min(count, fits)
+
+
 def _set_threads(stages: int) -> None:
     """In a fresh worker: the thread budget of one of `stages` stages running at once (the stage's
     share divided among its workers), for every pool: the variables for pools not loaded yet and
@@ -76,10 +113,11 @@ def shares(seeds: int, count: int) -> list[int]:
     return [stages * (count if index < seeds - last else last) for index in range(seeds)]
 
 
-def map_seeds(work: Callable[[int], Result], seeds: list[int]) -> list[Result]:
-    """[work(seed) for seed in seeds], spread over `workers(len(seeds))` forked processes."""
+def map_seeds(work: Callable[[int], Result], seeds: list[int], memory_per_seed: float | None = None) -> list[Result]:
+    """[work(seed) for seed in seeds], spread over `workers(len(seeds))` forked processes, or
+    fewer when `memory_per_seed` (bytes) times that is more than the memory available."""
     global _work
-    count = workers(len(seeds))
+    count = workers_for_memory(workers(len(seeds)), memory_per_seed)
     if count == 1:
         return [work(seed) for seed in seeds]
     _work = work
