@@ -1,6 +1,8 @@
 """Print a JSON summary of a saved model, in its own process:
 
-    python -m tests.inspect_model onnx|torch|torch_quantized PATH
+    python -m tests.inspect_model onnx|torch|torch_quantized PATH [PATH ...]
+
+One JSON line per PATH (several models of a kind in one process: one import of the frameworks).
 
 onnx: quant_checks.onnx_summary. torch (a float torch.export program) and torch_quantized (a
 quantize_torch directory): what runs (execution.measure) and how many weights are stored as
@@ -46,14 +48,17 @@ def torch_int8_weights(kind: str, path: Path) -> int:
     return sum(1 for t in program.state_dict.values() if t.dtype == torch.int8 and t.dim() >= 2)
 
 
-if __name__ == "__main__":
-    kind, path = sys.argv[1], Path(sys.argv[2])
+def summary(kind: str, path: Path) -> dict:
     if kind == "onnx":
-        summary = quant_checks.onnx_summary(path)
+        found = quant_checks.onnx_summary(path)
     else:
         file_kind, file = runners.torch_quantized_model(path) if kind == "torch_quantized" else (kind, path)
-        summary = {"execution": execution.measure(file_kind, file),
-                   "int8_weights": torch_int8_weights(file_kind, file)}
+        found = {"execution": execution.measure(file_kind, file), "int8_weights": torch_int8_weights(file_kind, file)}
     x = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3)).astype(np.float32)
-    summary["scores"] = runners.load_runner(kind, path)(x).tolist()
-    print(json.dumps(summary))
+    found["scores"] = runners.load_runner(kind, path)(x).tolist()
+    return found
+
+
+if __name__ == "__main__":
+    for path in sys.argv[2:]:
+        print(json.dumps(summary(sys.argv[1], Path(path))), flush=True)

@@ -143,14 +143,16 @@ def test_every_seeds_model_is_really_quantized(pipeline, variant):
     parent_model = pipeline / ("models/onnx/resnet8.onnx" if backend == "ort" else "models/torch/resnet8.pt2")
     parent_scores = json.loads(run_script("inspect_model", "onnx" if backend == "ort" else "torch", str(parent_model),
                                           cwd=pipeline).stdout)["scores"]
-    for seed in SEEDS:
+    seeds = [pipeline / "models" / variant / f"seed_{seed}" for seed in SEEDS]
+    models = [seed / "model.onnx" for seed in seeds] if backend == "ort" else seeds
+    output = run_script("inspect_model", "onnx" if backend == "ort" else "torch_quantized", *map(str, models),
+                        cwd=pipeline).stdout  # one process for every seed's model, one JSON line each
+    summaries = [json.loads(line) for line in output.splitlines()]
+    assert len(summaries) == len(SEEDS), output
+    for seed, model, summary in zip(SEEDS, models, summaries):
         if backend == "ort":
-            model = pipeline / "models" / variant / f"seed_{seed}" / "model.onnx"
-            summary = json.loads(run_script("inspect_model", "onnx", str(model), cwd=pipeline).stdout)
             assert summary["float_layers"] == [] and summary["quantized_layers"] == 10
         else:  # integer weights, and integer kernels in what runs
-            model = pipeline / "models" / variant / f"seed_{seed}"
-            summary = json.loads(run_script("inspect_model", "torch_quantized", str(model), cwd=pipeline).stdout)
             assert summary["int8_weights"] == 10 and summary["execution"]["label"] == "integer"
             model = next(model.glob("model.*"))
         assert model.stat().st_size <= (0.4 if backend == "ort" else 0.6) * parent["model_bytes"]

@@ -83,6 +83,7 @@ def tiny(tmp_path_factory) -> Path:
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["calibrate"]["samples"], params["adaround"]["iterations"] = 100, 30
+    params["adaround"]["images"] = 25  # AdaRound's cost is per image, and the AVX2 test runs it emulated
     params["calibrate"]["seeds"], params["calibrate"]["validation"] = SEEDS, 50
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run_script("tiny_models", FLOAT_MODEL["keras"], "data/cifar10", cwd=project)
