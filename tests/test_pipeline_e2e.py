@@ -143,8 +143,8 @@ def test_every_seeds_model_is_really_quantized(pipeline, variant):
     parent_model = pipeline / ("models/onnx/resnet8.onnx" if backend == "ort" else "models/torch/resnet8.pt2")
     parent_scores = json.loads(run_script("inspect_model", "onnx" if backend == "ort" else "torch", str(parent_model),
                                           cwd=pipeline).stdout)["scores"]
-    seeds = [pipeline / "models" / variant / f"seed_{seed}" for seed in SEEDS]
-    models = [seed / "model.onnx" for seed in seeds] if backend == "ort" else seeds
+    directories = [pipeline / "models" / variant / f"seed_{seed}" for seed in SEEDS]
+    models = [directory / "model.onnx" for directory in directories] if backend == "ort" else directories
     output = run_script("inspect_model", "onnx" if backend == "ort" else "torch_quantized", *map(str, models),
                         cwd=pipeline).stdout  # one process for every seed's model, one JSON line each
     summaries = [json.loads(line) for line in output.splitlines()]

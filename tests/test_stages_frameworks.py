@@ -151,6 +151,31 @@ def test_convert_torch_matches_onnx_and_reloads_identically_in_fresh_processes(t
     assert alone["scores"] == first["scores"]
 
 
+def test_onnx2torch_converts_without_torchvision_and_names_an_op_it_left_out(tiny):
+    """torch_models.from_onnx loads onnx2torch without its two torchvision converters: the model
+    converts with torchvision never imported, and a graph with NonMaxSuppression fails naming it."""
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import sys, onnx\n"
+             "from onnx import TensorProto, helper\n"
+             "from stages.lib.torch_models import from_onnx, _onnx2torch_convert\n"
+             "model = from_onnx('models/onnx_folded/resnet8.onnx')\n"
+             "print(sum(1 for _ in model.modules()), 'torchvision' in sys.modules)\n"
+             "node = helper.make_node('NonMaxSuppression', ['b', 's'], ['o'])\n"
+             "graph = helper.make_graph([node], 'g', [helper.make_tensor_value_info('b', TensorProto.FLOAT, [1, 4, 4]),"
+             " helper.make_tensor_value_info('s', TensorProto.FLOAT, [1, 1, 4])],"
+             " [helper.make_tensor_value_info('o', TensorProto.INT64, None)])\n"
+             "_onnx2torch_convert()(helper.make_model(graph, opset_imports=[helper.make_opsetid('', 13)]))\n")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tiny, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    modules, torchvision = result.stdout.split()
+    assert int(modules) > 10 and torchvision == "False", result.stdout
+    assert result.returncode != 0 and "Converter is not implemented" in result.stderr
+    assert "NonMaxSuppression" in result.stderr.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize("model", [FLOAT_MODEL["torch"], "models/torch_int8/seed_0/model.pte", "models/torch_uint8/seed_1/model.pt2"])
 def test_saved_torch_programs_hold_nothing_from_this_checkout(tiny, model):
     """Same model, same bytes in every clone: no source locations (absolute virtualenv paths), no

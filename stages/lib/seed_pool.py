@@ -77,9 +77,10 @@ def workers_for_memory(count: int, memory_per_seed: float | None) -> int:
     """`count` workers, fewer if the available memory holds fewer seeds at once (at least one)."""
     if not memory_per_seed or count == 1:
         return count
-    fits = max(1, int(available_memory() // memory_per_seed))
+    available = available_memory()
+    fits = max(1, int(available // memory_per_seed))
     if fits < count:
-        print(f"seed workers: {fits} rather than {count}: {available_memory() / 1e9:.1f} GB of memory available, "
+        print(f"seed workers: {fits} rather than {count}: {available / 1e9:.1f} GB of memory available, "
               f"about {memory_per_seed / 1e9:.1f} GB per seed", file=sys.stderr)
     return min(count, fits)
 
