@@ -170,7 +170,9 @@ def test_onnx2torch_converts_without_torchvision_and_names_an_op_it_left_out(tin
              "_onnx2torch_convert()(helper.make_model(graph, opset_imports=[helper.make_opsetid('', 13)]))\n")
     result = subprocess.run([sys.executable, "-c", probe], cwd=tiny, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
-    modules, torchvision = result.stdout.split()
+    printed = result.stdout.split()
+    assert len(printed) == 2, result.stdout + result.stderr  # the model converted
+    modules, torchvision = printed
     assert int(modules) > 10 and torchvision == "False", result.stdout
     assert result.returncode != 0 and "Converter is not implemented" in result.stderr
     assert "NonMaxSuppression" in result.stderr.strip().splitlines()[-1]
