@@ -72,7 +72,7 @@ class Tails:
     costs one comparison per value and a partition of the few that pass; likewise for `high`."""
 
     def __init__(self, count: int, percentile: float):
-        self.count, self.percentile = count, percentile  # count: values of the tensor over all batches
+        self.count = count  # values of the tensor over all batches
         self.previous, self.following, self.gamma, self.low, self.high = self._positions(count, percentile)
         self.smallest = self.largest = np.empty(0)
         self.seen, self.nan = 0, False
@@ -97,28 +97,24 @@ class Tails:
         values = values.ravel(order="K")
         self.seen += values.size
         self.nan = self.nan or bool(np.isnan(values).any())
-        if len(self.smallest) == self.low:
-            below = values[values < self.smallest[-1]]  # smallest[-1]: the largest kept (see _keep)
-            if len(below):
-                self.smallest = self._keep(np.concatenate([self.smallest, below]), self.low, smallest=True)
-        else:
-            self.smallest = self._keep(np.concatenate([self.smallest, values]), self.low, smallest=True)
-        if len(self.largest) == self.high:
-            above = values[values > self.largest[0]]  # largest[0]: the smallest kept
-            if len(above):
-                self.largest = self._keep(np.concatenate([self.largest, above]), self.high, smallest=False)
-        else:
-            self.largest = self._keep(np.concatenate([self.largest, values]), self.high, smallest=False)
+        self.smallest = self._merge(self.smallest, values, self.low, smallest=True)
+        self.largest = self._merge(self.largest, values, self.high, smallest=False)
 
     @staticmethod
-    def _keep(values: np.ndarray, wanted: int, smallest: bool) -> np.ndarray:
-        """The `wanted` smallest (largest) of `values`, the largest (smallest) of them last (first);
-        all of them while there are no more than `wanted`."""
-        if len(values) <= wanted:
-            return np.sort(values)
+    def _merge(kept: np.ndarray, values: np.ndarray, wanted: int, smallest: bool) -> np.ndarray:
+        """The `wanted` smallest (largest) of `kept` and `values`, the largest (smallest) of them
+        last (first); all of them while there are no more than `wanted`. Once `wanted` are kept,
+        only the values beyond kept's edge are looked at."""
+        if len(kept) == wanted:
+            values = values[values < kept[-1]] if smallest else values[values > kept[0]]
+            if not len(values):
+                return kept
+        merged = np.concatenate([kept, values])
+        if len(merged) <= wanted:
+            return np.sort(merged)
         if smallest:
-            return np.partition(values, wanted - 1)[:wanted]
-        return np.partition(values, len(values) - wanted)[len(values) - wanted:]
+            return np.partition(merged, wanted - 1)[:wanted]
+        return np.partition(merged, len(merged) - wanted)[len(merged) - wanted:]
 
     def percentiles(self) -> tuple[float, float]:
         from numpy.lib._function_base_impl import _lerp
