@@ -1,0 +1,61 @@
+"""AdaRound's gradient with respect to its rounding variable, written out (lib/adaround._SoftWeights)
+rather than taped by autograd at every step: it must be autograd's gradient for the same loss, to
+the bit, so that the learned rounding does not depend on which of the two computed it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stages.lib import adaround
+
+
+def autograds(v, weight, scale, floor, fixed, low, high, grads, beta):
+    """The gradient as the loss was written before: autograd through _soft, the soft weights
+    (given d reconstruction / d soft) and, with beta, the rounding regulariser."""
+    v = v.detach().clone().requires_grad_()
+    soft = torch.where(fixed, weight, torch.clamp(floor + adaround._soft(v), low, high) * scale)
+    outputs, output_grads = [soft], [grads]
+    if beta is not None:
+        regulariser = (1 - (2 * adaround._soft(v) - 1).abs().pow(beta)).sum()
+        outputs.append(0.01 * regulariser / weight.numel() * 100)
+        output_grads.append(None)
+    torch.autograd.backward(outputs, output_grads)
+    return soft.detach(), v.grad
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int64)
+
+
+@pytest.mark.parametrize("shape, transposed", [((8, 4, 3, 3), False), ((16, 10), True)])
+@pytest.mark.parametrize("draws", [1, 3])
+@pytest.mark.parametrize("beta", [None, 20.0, 7.3, 2.0])
+def test_written_out_gradient_is_autograds_to_the_bit(shape, transposed, draws, beta):
+    generator = torch.Generator().manual_seed(draws * 100 + len(shape))
+    weight = torch.randn(shape, generator=generator, dtype=torch.float64)
+    if transposed:  # onnx2torch's Dense weight is a transposed view
+        weight = weight.t().contiguous().t()
+    scale = adaround.channel_scale(weight, adaround.GRIDS["uint8"])
+    floor = torch.randint(-130, 130, shape, generator=generator).to(torch.float64)  # some beyond low / high
+    fixed = torch.rand(shape, generator=generator) < 0.1
+    # v wide enough that _soft clamps at 0 and at 1 for some weights
+    v = adaround._stacked(torch.randn(shape, generator=generator, dtype=torch.float64) * 4, draws)
+    grads = torch.randn((draws, *shape), generator=generator, dtype=torch.float64)
+    rounding = adaround._SoftWeights(weight, scale, floor, fixed, -127, 127)
+    with torch.no_grad():
+        soft = rounding.forward(v)
+        gradient = rounding.backward(grads, beta)
+    expected_soft, expected = autograds(v, weight, scale, floor, fixed, -127, 127, grads, beta)
+    stretched = torch.sigmoid(v) * (adaround.ZETA - adaround.GAMMA) + adaround.GAMMA
+    assert bool((stretched < 0).any()) and bool((stretched > 1).any())  # both clamps of _soft are hit
+    assert bool(((floor + stretched.clamp(0, 1)) > 127).any())  # and the grid's upper end
+    assert torch.equal(bits(soft), bits(expected_soft))
+    assert torch.equal(bits(gradient), bits(expected))
+    assert bool((gradient != 0).any())
+
+
+def test_a_changed_operation_order_is_caught():
+    """The comparison is strict enough to see a reordered product (last bits)."""
+    generator = torch.Generator().manual_seed(0)
+    a, b, c = (torch.rand(10_000, generator=generator, dtype=torch.float64) for _ in range(3))
+    assert not torch.equal(bits(a * b * c), bits(a * (b * c)))
