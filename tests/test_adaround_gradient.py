@@ -59,3 +59,61 @@ def test_a_changed_operation_order_is_caught():
     generator = torch.Generator().manual_seed(0)
     a, b, c = (torch.rand(10_000, generator=generator, dtype=torch.float64) for _ in range(3))
     assert not torch.equal(bits(a * b * c), bits(a * (b * c)))
+
+
+def taped_rounding(module, inputs, targets, grid, iterations, batch, seed):
+    """round_layer as it was written before, with autograd taping every step (the oracle)."""
+    weight = module.weight.detach()
+    scale = adaround.channel_scale(weight, grid)
+    scaled = weight / scale
+    floor = torch.floor(scaled)
+    rest = (scaled - floor).clamp(1e-4, 1 - 1e-4)
+    v = torch.nn.Parameter(adaround._stacked(torch.log((rest - adaround.GAMMA) / (adaround.ZETA - rest)), 1))
+    fixed = scaled.abs() >= grid.scale_divisor - 1e-4
+    low, high = max(grid.qmin, -int(grid.scale_divisor)), min(grid.qmax, int(grid.scale_divisor))
+    optimizer = torch.optim.Adam([v], lr=1e-2)
+    generator = torch.Generator().manual_seed(seed)
+    if batch == 0:
+        draw = adaround._Gram(module, inputs, targets, batch)
+    elif adaround._ChannelsLastConv.applies(module, inputs):
+        draw = adaround._ChannelsLastConv(module, inputs, targets, batch)
+    else:
+        draw = adaround._Autograd(module, inputs, targets, batch)
+    for step in range(iterations):
+        beta = 20 - (20 - 2) * max(0.0, (step / iterations - 0.2) / 0.8)
+        pick = None if batch == 0 else torch.randint(0, len(inputs), (batch,), generator=generator)
+        with torch.no_grad():
+            soft = torch.where(fixed, weight, torch.clamp(floor + adaround._soft(v), low, high) * scale)
+        grads = torch.stack([draw.gradient(pick, w) for w in soft.unbind(0)])
+        v.grad = autograds(v, weight, scale, floor, fixed, low, high, grads,
+                           beta if step >= 0.2 * iterations else None)[1]
+        optimizer.step()
+    with torch.no_grad():
+        hard = torch.clamp(floor + (adaround._soft(v) >= 0.5).to(floor.dtype), low, high) * scale
+        return torch.where(fixed, weight, hard)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("batch", [0, 8])
+def test_round_layer_learns_what_the_taped_loop_learns(kind, batch):
+    """Full batch (Gram matrix) and mini-batches (autograd through F.linear, or the channels-last
+    conv), 40 steps: the same rounded weights, to the bit, with some weights rounded away from
+    nearest (else the comparison would show nothing)."""
+    generator = torch.Generator().manual_seed(7)
+    if kind == "linear":
+        module = torch.nn.Linear(24, 6).double()
+        inputs = torch.randn(64, 24, generator=generator, dtype=torch.float64)
+    else:
+        module = torch.nn.Conv2d(3, 5, 3, padding=1).double()
+        inputs = torch.randn(64, 3, 6, 6, generator=generator, dtype=torch.float64).contiguous(
+            memory_format=torch.channels_last)
+    with torch.no_grad():
+        targets = module(inputs) + 0.05 * torch.randn(module(inputs).shape, generator=generator, dtype=torch.float64)
+        if kind == "conv":
+            targets = targets.contiguous(memory_format=torch.channels_last)
+    grid = adaround.GRIDS["int8"]
+    learned = adaround.round_layer(module, inputs, targets, grid, iterations=40, batch=batch, seed=3)
+    expected = taped_rounding(module, inputs, targets, grid, iterations=40, batch=batch, seed=3)
+    assert torch.equal(bits(learned), bits(expected[0]))
+    scale = adaround.channel_scale(module.weight.detach(), grid)
+    assert bool((torch.round(learned / scale) != torch.round(module.weight.detach() / scale)).any())

@@ -73,9 +73,10 @@ class _Autograd:
         self.bias = None if module.bias is None else module.bias.detach()
 
     def gradient(self, pick: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        weight = weight.detach().requires_grad_()
-        out = _layer_output(self.module, self.inputs[pick], weight, self.bias)
-        return torch.autograd.grad(F.mse_loss(out, self.targets[pick]), weight)[0]
+        with torch.enable_grad():  # round_layers' loop runs under no_grad
+            weight = weight.detach().requires_grad_()
+            out = _layer_output(self.module, self.inputs[pick], weight, self.bias)
+            return torch.autograd.grad(F.mse_loss(out, self.targets[pick]), weight)[0]
 
 
 def _plain_conv(module: nn.Module, x: torch.Tensor) -> bool:
