@@ -13,8 +13,9 @@ REPO = Path(__file__).resolve().parents[1]
 # Every test carries one of four markers, by module (pytest.ini lists them): `-m unit` is the fast set.
 SUITE = {"test_stages_frameworks": "frameworks", "test_faults": "faults", "test_pipeline_e2e": "e2e"}
 # pytest-xdist (pytest.ini: -n auto --dist loadgroup) keeps each of these modules on one worker, so
-# that its module-scoped fixtures (the tiny pipeline, the real repro) are built once; the longest
-# start first, and the unit tests fill the gaps.
+# that its module-scoped fixtures (the tiny pipeline, the real repro) are built once. It hands the
+# groups out by test count (its loadscope reorder), not in FIRST's order, which orders a run without
+# workers (-n 0): the slow modules first.
 FIRST = ["frameworks", "e2e", "faults", "unit"]
 FAULT_TABLE = "fault_table.txt"
 
