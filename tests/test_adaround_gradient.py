@@ -108,7 +108,8 @@ def test_round_layer_learns_what_the_taped_loop_learns(kind, batch):
         inputs = torch.randn(64, 3, 6, 6, generator=generator, dtype=torch.float64).contiguous(
             memory_format=torch.channels_last)
     with torch.no_grad():
-        targets = module(inputs) + 0.05 * torch.randn(module(inputs).shape, generator=generator, dtype=torch.float64)
+        outputs = module(inputs)
+        targets = outputs + 0.05 * torch.randn(outputs.shape, generator=generator, dtype=torch.float64)
         if kind == "conv":
             targets = targets.contiguous(memory_format=torch.channels_last)
     grid = adaround.GRIDS["int8"]
