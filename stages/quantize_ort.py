@@ -7,8 +7,9 @@ every calibration seed in the same process.
 `int8`: int8 activations and int8 weights; `uint8`: uint8 activations and uint8 weights.
 Starts from the BatchNorm-folded graph (with AdaRound's weights). Every activation range comes from
 the activation_ranges stage, as tensor quantization overrides: ONNX Runtime's own calibration
-pass is reduced to one batch, whose results the overrides replace (checked in the saved model). Writes seed_<seed>/model.onnx and
-seed_<seed>/info.json (settings and the graph check that proves every Conv and the Dense layer is quantized).
+pass is reduced to one image, whose ranges the overrides replace (every activation quantizer of
+the saved model is checked to hold ours). Writes seed_<seed>/model.onnx and seed_<seed>/info.json
+(settings and the graph check that proves every Conv and the Dense layer is quantized).
 """
 from __future__ import annotations
 
@@ -41,9 +42,11 @@ def quantize(model: Path, out: Path, dtype: str, calibration: CalibrationSet, ra
 
     qtype = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[dtype]
     input_name = onnx_session(model).get_inputs()[0].name
-    one_batch = CalibrationSet(calibration.images[:calibration.batch_size])  # overridden below
+    # quantize_static always runs its own calibration pass; every range it finds is replaced by
+    # ours (TensorQuantOverrides, checked by require_calibrated_ranges), so one image feeds it
+    throwaway = CalibrationSet(calibration.images[:1])
     quantize_static(
-        str(model), str(out), ort_reader(one_batch, input_name),
+        str(model), str(out), ort_reader(throwaway, input_name),
         quant_format=QuantFormat[p["format"]],
         op_types_to_quantize=OP_TYPES,
         per_channel=p["per_channel"],
@@ -73,7 +76,11 @@ def require_calibrated_ranges(model: Path, ranges: dict, dtype: str, symmetric: 
     qmin, qmax = get_qmin_qmax_for_qType(qtype, reduce_range=False, symmetric=symmetric)
     checked, wrong = 0, []
     for node in graph.node:
-        if node.op_type != "QuantizeLinear" or node.input[0] not in ranges:
+        if node.op_type != "QuantizeLinear" or node.input[0] in values:
+            continue  # not a quantizer, or a weight's
+        if node.input[0] not in ranges:  # its range came from quantize_static's own pass
+            wrong.append(node.input[0])
+            checked += 1
             continue
         low, high = ranges[node.input[0]].low, ranges[node.input[0]].high
         zero, scale = compute_scale_zp(np.array(low, np.float32), np.array(high, np.float32), qmin, qmax, symmetric)

@@ -524,6 +524,10 @@ def test_onnxruntime_models_hold_the_calibrated_ranges_and_a_foreign_range_is_re
     moved = {**ranges, name: ranges_lib.Range(ranges[name].low, ranges[name].high * 1.01)}
     with pytest.raises(PipelineError, match="do not hold the calibrated range"):
         require_calibrated_ranges(model, moved, dtype, symmetric=False)
+    # a quantizer without a range of ours kept the one from quantize_static's own (one-image) pass
+    missing = {other_name: r for other_name, r in ranges.items() if other_name != name}
+    with pytest.raises(PipelineError, match="1 of .* do not hold the calibrated range"):
+        require_calibrated_ranges(model, missing, dtype, symmetric=False)
 
 
 def test_adaround_full_batch_gradient_equals_autograds(project):
