@@ -454,14 +454,18 @@ QEMU = shutil.which("qemu-x86_64")
 AVX2_CPU = ["-cpu", "Haswell-noTSX,-pcid,-x2apic,-tsc-deadline,-invpcid"]
 
 
-def run_on_avx2(module: str, *args: str, cwd: Path) -> None:
+def run_on_avx2(module: str, *args: str, cwd: Path, at_once: int = 1) -> None:
+    """Run a stage on the emulated CPU, as one of `at_once` stages running at the same time: its
+    thread budget (two emulated stages at two threads each would be four threads on two cores,
+    which the other test worker shares too)."""
     import subprocess
     import sys
 
     from tests.conftest import stage_env
 
     result = subprocess.run([QEMU, *AVX2_CPU, sys.executable, "-m", module, *map(str, args)], cwd=cwd,
-                            env=stage_env(), capture_output=True, text=True, timeout=1800)
+                            env=stage_env(RESNET8_PARALLEL_STAGES=str(at_once)), capture_output=True, text=True,
+                            timeout=1800)
     assert result.returncode == 0, f"{module} on the emulated AVX2 CPU failed:\n{result.stdout}\n{result.stderr}"
 
 
@@ -496,9 +500,10 @@ def test_the_quantize_chain_gives_the_same_bytes_and_labels_on_an_avx2_cpu(tiny,
     emulated("stages.activation_ranges", "--model", folded, "--calibration", "data/calibration", "--out", RANGES)
     for name in ("metrics/eval/torch.json", "data/predictions/torch.npy"):
         shutil.copy(tiny / name, project / name)
-    # two emulated processes at a time (each emulated CPU runs on one host core)
-    quantize_chain(emulated, folded)
-    in_parallel(*(partial(emulated, "stages.evaluate", *quantized_evaluate_args(variant)) for variant in QUANTIZED))
+    # two emulated processes at a time, one thread each (each emulated CPU runs on one host core)
+    two_at_once = partial(run_on_avx2, cwd=project, at_once=2)
+    quantize_chain(two_at_once, folded)
+    in_parallel(*(partial(two_at_once, "stages.evaluate", *quantized_evaluate_args(variant)) for variant in QUANTIZED))
     artifacts = [folded, *(name for name in QUANTIZE_ARTIFACTS if "seed_0" in name)]
     differ = [name for name in artifacts if (project / name).read_bytes() != (tiny / name).read_bytes()]
     assert not differ, f"on the AVX2 CPU these differ: {differ}"
