@@ -78,15 +78,14 @@ def require_calibrated_ranges(model: Path, ranges: dict, dtype: str, symmetric: 
     for node in graph.node:
         if node.op_type != "QuantizeLinear" or node.input[0] in values:
             continue  # not a quantizer, or a weight's
+        checked += 1
         if node.input[0] not in ranges:  # its range came from quantize_static's own pass
             wrong.append(node.input[0])
-            checked += 1
             continue
         low, high = ranges[node.input[0]].low, ranges[node.input[0]].high
         zero, scale = compute_scale_zp(np.array(low, np.float32), np.array(high, np.float32), qmin, qmax, symmetric)
         if values[node.input[1]] != np.float32(scale) or values[node.input[2]] != zero:
             wrong.append(node.input[0])
-        checked += 1
     if wrong or not checked:
         raise PipelineError(f"{model}: {len(wrong)} of {checked} activation quantizers do not hold the calibrated "
                             f"range ({', '.join(wrong[:3]) or 'none checked'}); the range overrides did not take")
