@@ -38,3 +38,18 @@ def test_closure_follows_indirect_and_function_level_imports(tmp_path):
     (package / "lib" / "unused.py").write_text("")
     assert closure(tmp_path, "stages.stage") == ["stages/lib/a.py", "stages/lib/b.py", "stages/lib/c.py",
                                                  "stages/stage.py"]
+
+
+def test_dvc_parses_its_yaml_with_libyaml_and_reads_what_the_pure_parser_reads():
+    """Every dvc command parses dvc.yaml, dvc.lock and params.yaml (a no-op `dvc repro` spent a
+    quarter of its time in ruamel.yaml's pure-Python parser); ruamel.yaml.clib (requirements.txt)
+    gives DVC's loader libyaml's C parser, which must read the same data."""
+    from dvc.utils.serialize import parse_yaml
+    from ruamel.yaml import YAML
+    from ruamel.yaml.main import CParser
+
+    assert CParser is not None, "ruamel.yaml.clib is not installed: DVC parses its YAML in pure Python"
+    assert YAML(typ="safe").Parser is CParser
+    for name in ("dvc.yaml", "dvc.lock", "params.yaml"):
+        text = (REPO / name).read_text()
+        assert parse_yaml(text, name) == YAML(typ="safe", pure=True).load(text), name
