@@ -118,3 +118,26 @@ def test_round_layer_learns_what_the_taped_loop_learns(kind, batch):
     assert torch.equal(bits(learned), bits(expected[0]))
     scale = adaround.channel_scale(module.weight.detach(), grid)
     assert bool((torch.round(learned / scale) != torch.round(module.weight.detach() / scale)).any())
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "transposed"])
+def test_adaround_adam_steps_as_torch_optim_adam_does_to_the_bit(layout):
+    """AdaRound steps its rounding variable with torch.optim.adam's functional form (`_Adam`); on
+    the layouts its variables have (a conv's channels-last weight, onnx2torch's transposed Dense
+    weight) 60 steps must give what torch.optim.Adam gives, bit for bit."""
+    generator = torch.Generator().manual_seed(5)
+    if layout == "channels_last":
+        start = torch.randn(4, 16, 3, 3, generator=generator, dtype=torch.float64).contiguous(
+            memory_format=torch.channels_last).unsqueeze(0)
+    else:
+        start = torch.randn(1, 64, 10, generator=generator, dtype=torch.float64).transpose(1, 2)
+    grads = [torch.randn(start.shape, generator=generator, dtype=torch.float64) for _ in range(60)]
+    ours, theirs = start.clone(memory_format=torch.preserve_format), torch.nn.Parameter(start.clone())
+    stepper, optimizer = adaround._Adam(ours, lr=1e-2), torch.optim.Adam([theirs], lr=1e-2)
+    with torch.no_grad():
+        for grad in grads:
+            stepper.step(grad)
+            theirs.grad = grad
+            optimizer.step()
+    assert ours.stride() == theirs.stride() and torch.equal(bits(ours), bits(theirs.detach()))
+    assert not torch.equal(bits(ours), bits(start))

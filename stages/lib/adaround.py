@@ -331,6 +331,26 @@ class _SoftWeights:
         return grad + self._through_soft(regulariser)
 
 
+class _Adam:
+    """torch.optim.Adam(lr=lr) for one tensor, stepped through the optimizer's functional form
+    (torch.optim.adam.adam: the same single-tensor update the class runs on CPU, on the state the
+    class would create), so the same numbers to the bit (tests/test_adaround_gradient.py), without
+    the class's import of torch._dynamo (1.1 s per process, 10 s on an emulated CPU) and its
+    per-step wrappers."""
+
+    def __init__(self, param: torch.Tensor, lr: float):
+        self.param, self.lr = param, lr
+        self.exp_avg = torch.zeros_like(param, memory_format=torch.preserve_format)
+        self.exp_avg_sq = torch.zeros_like(param, memory_format=torch.preserve_format)
+        self.steps = torch.tensor(0.0)  # the class's step counter: a float32 scalar on the CPU
+
+    def step(self, grad: torch.Tensor) -> None:
+        from torch.optim.adam import adam
+
+        adam([self.param], [grad], [self.exp_avg], [self.exp_avg_sq], [], [self.steps], foreach=False,
+             amsgrad=False, beta1=0.9, beta2=0.999, lr=self.lr, weight_decay=0.0, eps=1e-8, maximize=False)
+
+
 def round_layers(module: nn.Module, inputs: list[torch.Tensor], targets: list[torch.Tensor], grid: Grid,
                  iterations: int, batch: int, seeds: list[int]) -> torch.Tensor:
     """Optimise the rounding of one layer for several calibration draws at once; returns the float
@@ -348,12 +368,12 @@ def round_layers(module: nn.Module, inputs: list[torch.Tensor], targets: list[to
     floor = torch.floor(scaled)
     rest = (scaled - floor).clamp(1e-4, 1 - 1e-4)
     # _soft(v) == rest at the start
-    v = nn.Parameter(_stacked(torch.log((rest - GAMMA) / (ZETA - rest)), len(seeds)))
+    v = _stacked(torch.log((rest - GAMMA) / (ZETA - rest)), len(seeds))
     # weights at the channel's max |w| define the scale: keep them exactly where they are
     fixed = (scaled.abs() >= grid.scale_divisor - 1e-4)
     # the others stay inside +-max|w|, or the quantizer would derive another scale
     low, high = max(grid.qmin, -int(grid.scale_divisor)), min(grid.qmax, int(grid.scale_divisor))
-    optimizer = torch.optim.Adam([v], lr=1e-2)
+    optimizer = _Adam(v, lr=1e-2)
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     if batch == 0:
         kind = _Gram
@@ -369,8 +389,7 @@ def round_layers(module: nn.Module, inputs: list[torch.Tensor], targets: list[to
             soft = rounding.forward(v)
             # d(reconstruction loss) / d(soft weights), draw by draw
             grads = torch.stack([draw.gradient(pick, w) for draw, pick, w in zip(draws, picks, soft.unbind(0))])
-            v.grad = rounding.backward(grads, beta if step >= 0.2 * iterations else None)
-            optimizer.step()
+            optimizer.step(rounding.backward(grads, beta if step >= 0.2 * iterations else None))
     with torch.no_grad():
         hard = torch.clamp(floor + (_soft(v) >= 0.5).to(floor.dtype), low, high) * scale
         return torch.where(fixed, weight, hard)
