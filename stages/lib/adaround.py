@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.adam import adam
 
 ZETA, GAMMA = 1.1, -0.1  # rectified sigmoid stretch
 
@@ -345,8 +346,6 @@ class _Adam:
         self.steps = torch.tensor(0.0)  # the class's step counter: a float32 scalar on the CPU
 
     def step(self, grad: torch.Tensor) -> None:
-        from torch.optim.adam import adam
-
         adam([self.param], [grad], [self.exp_avg], [self.exp_avg_sq], [], [self.steps], foreach=False,
              amsgrad=False, beta1=0.9, beta2=0.999, lr=self.lr, weight_decay=0.0, eps=1e-8, maximize=False)
 
