@@ -3,7 +3,7 @@ float model, on the first layer_error.IMAGES images of the evaluation split, for
 calibration seed. A stage of its own, so that no quantize stage ever sees a test image.
 
     python -m stages.layer_error --variant ort_int8 --float-model models/onnx_folded/resnet8.onnx \
-        --quantized models/ort_int8 --adaround models/adaround_int8 --ranges models/activation_ranges \
+        --quantized models/ort_int8 --adaround models/adaround/int8 --ranges models/activation_ranges \
         --data data/cifar10 --out metrics/layer_error/ort_int8.json
 
 ONNX Runtime: the saved model (seed_<seed>/model.onnx), with its own QDQ debugging tools.

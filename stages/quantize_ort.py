@@ -1,7 +1,7 @@
 """Stage quantize_ort: static post-training quantization with ONNX Runtime, one dtype per run,
 every calibration seed in the same process.
 
-    python -m stages.quantize_ort --dtype int8 --model models/adaround_int8 \
+    python -m stages.quantize_ort --dtype int8 --model models/adaround/int8 \
         --calibration data/calibration --ranges models/activation_ranges --out models/ort_int8
 
 `int8`: int8 activations and int8 weights; `uint8`: uint8 activations and uint8 weights.

@@ -1,7 +1,7 @@
 """Stage quantize_torch: static post-training quantization with PyTorch (PT2E, torchao), one dtype
 per run, every calibration seed in this stage (side by side in worker processes, lib/seed_pool.py).
 
-    python -m stages.quantize_torch --dtype uint8 --model models/adaround_uint8 \
+    python -m stages.quantize_torch --dtype uint8 --model models/adaround/uint8 \
         --calibration data/calibration --ranges models/activation_ranges --out models/torch_uint8
 
 Starts from the BatchNorm-folded graph with AdaRound's weights (onnx2torch, torch.export); every

@@ -897,7 +897,7 @@ CORRUPT = [
     Corrupt("garbage-onnx>quantize_torch", "stages.quantize_torch", _q("uint8", "bad/garbage_adaround", "c15"),
             "bad/garbage_adaround/seed_0.onnx"),
     Corrupt("garbage-onnx>adaround", "stages.adaround",
-            ("--dtype", "int8", "--model", "bad/garbage.onnx", "--calibration", CALIBRATION, "--ranges", RANGES,
+            ("--dtypes", "int8", "--model", "bad/garbage.onnx", "--calibration", CALIBRATION, "--ranges", RANGES,
              "--out", "out/c16/a", "--metrics", "out/c16/m.json"), "bad/garbage.onnx"),
     Corrupt("truncated-parent-predictions>evaluate", "stages.evaluate", _e("onnx", ONNX, "c17", parent=True),
             "bad/parent_truncated.npy"),
@@ -998,7 +998,7 @@ def test_adaround_images_beyond_a_draw_is_one_error_line_and_no_output(base, tmp
     samples = yaml.safe_load((project / "params.yaml").read_text())["calibrate"]["samples"]
     write_params(project, {"adaround": {"images": samples + 1}})
     out, metrics = "out/a", "out/m.json"
-    result = run_module("stages.adaround", "--dtype", "int8", "--model", FOLDED, "--calibration", CALIBRATION,
+    result = run_module("stages.adaround", "--dtypes", "int8", "--model", FOLDED, "--calibration", CALIBRATION,
                         "--ranges", RANGES, "--out", out, "--metrics", metrics, cwd=project, check=False)
     line = last_line(result.stderr)
     record(f"adaround.images {samples + 1} > calibrate.samples {samples}", "adaround",

@@ -74,6 +74,30 @@ def test_the_last_incomplete_round_takes_the_idle_workers_threads(two_cpus):
     assert [r[3] for r in results] == [work(seed)[3] for seed in range(5)]  # same numbers with 2 threads
 
 
+def pair_work(task: tuple[str, int]) -> tuple[str, int, str]:
+    dtype, seed = task
+    return dtype, seed, os.environ["OMP_NUM_THREADS"]
+
+
+def test_tasks_may_be_pairs_and_keep_one_thread_each_when_more_do_not_help(two_cpus):
+    assert seed_pool.shares(5, 2, idle_threads=False) == [2, 2, 2, 2, 2]  # the fifth alone: still one thread
+    tasks = [(dtype, seed) for dtype in ("int8", "uint8") for seed in (0, 1, 2)]
+    assert seed_pool.map_seeds(pair_work, tasks, idle_threads=False) == [(*task, "1") for task in tasks]
+    assert seed_pool.map_seeds(pair_work, tasks[:3], idle_threads=False)[2] == ("int8", 2, "1")
+    assert seed_pool.map_seeds(pair_work, tasks[:3])[2] == ("int8", 2, "2")
+
+
+def dies_on_uint8_one(task: tuple[str, int]) -> int:
+    if task == ("uint8", 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return task[1]
+
+
+def test_a_worker_that_dies_on_a_pair_names_the_dtype_and_seed(two_cpus):
+    with pytest.raises(PipelineError, match=r"died .* before (int8|uint8) calibration seed \d was done"):
+        seed_pool.map_seeds(dies_on_uint8_one, [("int8", 0), ("uint8", 1), ("uint8", 2)])
+
+
 def test_a_thread_count_the_user_set_is_kept_and_the_seeds_run_here(two_cpus, monkeypatch):
     monkeypatch.setattr(threads, "USER_SET", {"OMP_NUM_THREADS"})
     assert {r[1] for r in seed_pool.map_seeds(work, [0, 1, 2])} == {os.getpid()}

@@ -26,14 +26,14 @@ FLOAT_MODEL = {"keras": "models/keras/pretrainedResnet.h5", "onnx": "models/onnx
 
 
 def quantize_args(backend: str, dtype: str) -> list[str]:
-    return ["--dtype", dtype, "--model", f"models/adaround_{dtype}", "--calibration", "data/calibration",
+    return ["--dtype", dtype, "--model", f"models/adaround/{dtype}", "--calibration", "data/calibration",
             "--ranges", RANGES, "--out", f"models/{backend}_{dtype}"]
 
 
 def layer_error_args(variant: str, folded: str = "models/onnx_folded/resnet8.onnx") -> list[str]:
     dtype = variant.split("_")[1]
     return ["--variant", variant, "--float-model", folded, "--quantized", f"models/{variant}",
-            "--adaround", f"models/adaround_{dtype}", "--ranges", RANGES, "--data", "data/cifar10",
+            "--adaround", f"models/adaround/{dtype}", "--ranges", RANGES, "--data", "data/cifar10",
             "--out", f"metrics/layer_error/{variant}.json"]
 
 
@@ -65,12 +65,11 @@ def evaluate(project: Path, variant: str, kind: str, model: str, parent: str | N
     return run_module("stages.evaluate", *evaluate_args(variant, kind, model, parent), cwd=project, check=check)
 
 
-def quantize_chain(stage, folded: str = "models/onnx_folded/resnet8.onnx") -> None:
-    """AdaRound for both dtypes, then the four quantizers, each wave in parallel; `stage(module,
-    *args)` runs one stage in the project."""
-    in_parallel(*(partial(stage, "stages.adaround", "--dtype", dtype, "--model", folded, "--calibration",
-                          "data/calibration", "--ranges", RANGES, "--out", f"models/adaround_{dtype}",
-                          "--metrics", f"metrics/adaround/{dtype}.json") for dtype in DTYPES))
+def quantize_chain(stage, folded: str = "models/onnx_folded/resnet8.onnx", alone=None) -> None:
+    """AdaRound (one stage for both dtypes), then the four quantizers in parallel; `stage(module,
+    *args)` runs one stage in the project, `alone` (default `stage`) one that runs by itself."""
+    (alone or stage)("stages.adaround", "--model", folded, "--calibration", "data/calibration", "--ranges", RANGES,
+                     "--out", "models/adaround", "--metrics", "metrics/adaround.json")
     in_parallel(*(partial(stage, f"stages.quantize_{variant.split('_')[0]}", *quantize_args(*variant.split("_")))
                   for variant in QUANTIZED))
 
@@ -313,17 +312,19 @@ def test_evaluate_refuses_a_missing_model(tiny):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_adaround_weights_land_exactly_on_the_onnxruntime_integer_grid(tiny, dtype):
-    report = read(tiny, f"metrics/adaround/{dtype}.json")
-    assert report["enabled"] and sorted(report["seeds"]) == [str(s) for s in SEEDS]
+    report = read(tiny, "metrics/adaround.json")
+    assert report["enabled"] and sorted(report["dtypes"]) == sorted(DTYPES)
+    seeds = report["dtypes"][dtype]["seeds"]
+    assert sorted(seeds) == [str(s) for s in SEEDS]
     for seed in SEEDS:
-        one = report["seeds"][str(seed)]
+        one = seeds[str(seed)]
         assert one["weights"] > 0 and 0 < one["rounded_away_from_nearest"] < one["weights"]
-        check = json.loads(run_script("check_grid", f"models/adaround_{dtype}/seed_{seed}.onnx",
+        check = json.loads(run_script("check_grid", f"models/adaround/{dtype}/seed_{seed}.onnx",
                                       f"models/ort_{dtype}/seed_{seed}/model.onnx", cwd=tiny).stdout)
         assert check["layers"] == 10
         assert check["max_offgrid_steps"] < 1e-3  # the quantizer stored exactly AdaRound's integers
     # each seed learns from its own draw: the roundings differ
-    first, second = (tiny / f"models/adaround_{dtype}/seed_{s}.onnx" for s in SEEDS)
+    first, second = (tiny / f"models/adaround/{dtype}/seed_{s}.onnx" for s in SEEDS)
     assert first.read_bytes() != second.read_bytes()
 
 
@@ -344,19 +345,21 @@ def test_per_layer_error_covers_every_quantized_layer(tiny, variant):
 # --------------------------------------------------------------------------- same bytes on any machine
 
 QUANTIZE_ARTIFACTS = [*(f"{RANGES}/seed_{s}.json" for s in SEEDS),
-                      *(f"models/adaround_{d}/seed_{s}.onnx" for d in DTYPES for s in SEEDS),
+                      *(f"models/adaround/{d}/seed_{s}.onnx" for d in DTYPES for s in SEEDS),
                       *(seed_artifact(v, s) for v in QUANTIZED for s in SEEDS)]
 MODEL_ARTIFACTS = ["models/onnx/resnet8.onnx", FLOAT_MODEL["torch"], "models/onnx_folded/resnet8.onnx",
                    *QUANTIZE_ARTIFACTS]
 # What can be switched on one machine: thread counts, and the kernels torch, oneDNN and TensorFlow
 # pick for the CPU (ONNX Runtime's MLAS has no such switch); and the seed workers (lib/seed_pool.py):
-# the fixture builds each seed in a worker of one thread, so a one-seed build (no workers: this
-# process, two threads) compares two threads with one.
+# the fixture builds each seed (and each of AdaRound's (dtype, seed) draws) in a worker of one thread,
+# so a one-seed build with a thread count given (no workers: this process, two threads) compares two
+# threads with one.
 SWITCHES = {
     "one thread, portable kernels": ({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                                       "ATEN_CPU_CAPABILITY": "default", "TF_ENABLE_ONEDNN_OPTS": "0"}, SEEDS),
     "AVX2 kernels, one seed on two threads": ({"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-                                               "RESNET8_PARALLEL_STAGES": "1"}, SEEDS[:1]),
+                                               "RESNET8_PARALLEL_STAGES": "1", "OMP_NUM_THREADS": "2",
+                                               "MKL_NUM_THREADS": "2"}, SEEDS[:1]),
 }
 
 
@@ -389,7 +392,7 @@ def test_every_model_artifact_is_the_same_under_thread_and_isa_switches(tiny, sw
     for name in ("metrics/fold_batchnorm.json", "metrics/convert_onnx.json", "metrics/convert_torch.json"):
         assert read(project, name) == read(tiny, name), name
     for dtype in DTYPES:
-        ours, fixture = (read(p, f"metrics/adaround/{dtype}.json")["seeds"] for p in (project, tiny))
+        ours, fixture = (read(p, "metrics/adaround.json")["dtypes"][dtype]["seeds"] for p in (project, tiny))
         assert ours == {str(s): fixture[str(s)] for s in seeds}, dtype
 
 
@@ -500,9 +503,10 @@ def test_the_quantize_chain_gives_the_same_bytes_and_labels_on_an_avx2_cpu(tiny,
     emulated("stages.activation_ranges", "--model", folded, "--calibration", "data/calibration", "--out", RANGES)
     for name in ("metrics/eval/torch.json", "data/predictions/torch.npy"):
         shutil.copy(tiny / name, project / name)
-    # two emulated processes at a time, one thread each (each emulated CPU runs on one host core)
+    # two emulated processes at a time, one thread each (each emulated CPU runs on one host core):
+    # AdaRound's two (dtype, seed) draws in its two workers, then the quantizers two by two
     two_at_once = partial(run_on_avx2, cwd=project, at_once=2)
-    quantize_chain(two_at_once, folded)
+    quantize_chain(two_at_once, folded, alone=emulated)
     in_parallel(*(partial(two_at_once, "stages.evaluate", *quantized_evaluate_args(variant)) for variant in QUANTIZED))
     artifacts = [folded, *(name for name in QUANTIZE_ARTIFACTS if "seed_0" in name)]
     differ = [name for name in artifacts if (project / name).read_bytes() != (tiny / name).read_bytes()]

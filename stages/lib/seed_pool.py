@@ -7,11 +7,16 @@ process on two cores.
 
     results = map_seeds(work, seeds)   # [work(seed) for seed in seeds], in seed order
     results = map_seeds(work, seeds, memory_per_seed=3.5e9)   # no more workers than memory holds
+    results = map_seeds(work, [(dtype, seed) ...], idle_threads=False)   # any tasks; one thread each
 
 With a budget of B threads (lib/threads.py) there are min(B, len(seeds)) workers, each with
 B // workers threads (a worker counts as one more stage running at once); the seeds of a last,
 incomplete round (the fifth of five seeds on two workers) take the threads the idle workers
-leave. With one worker (one CPU, RESNET8_PARALLEL_STAGES equal to the CPUs, one seed, or a
+leave, unless the stage says more threads do not help its work (`idle_threads=False`: AdaRound's
+draw alone took 18.7 s on two threads against 14.9 s on one). A task may be any value, such as a
+(dtype, seed) pair: a stage with several dtypes hands out all its draws at once, so that the
+workers stay busy to the end (ten draws on two workers, rather than five and five with one worker
+idle in each last round). With one worker (one CPU, RESNET8_PARALLEL_STAGES equal to the CPUs, one seed, or a
 thread count the user set, such as OMP_NUM_THREADS) the seeds run one after another in this
 process. A stage that names its memory per seed gets no more workers than the memory available
 now (the kernel's MemAvailable, or the cgroup's limit less its use when that is lower) holds;
@@ -41,6 +46,7 @@ from . import threads
 from .errors import PipelineError
 
 Result = TypeVar("Result")
+Task = TypeVar("Task")
 _work: Callable | None = None  # the forked workers' task: set in the parent just before the fork
 
 
@@ -106,17 +112,26 @@ def _run(seed: int, stages: int):
     return _work(seed)
 
 
-def shares(seeds: int, count: int) -> list[int]:
+def shares(seeds: int, count: int, idle_threads: bool = True) -> list[int]:
     """Per seed, as how many of RESNET8_PARALLEL_STAGES its worker counts: the budget split among
     the `count` workers, except the seeds of a last, incomplete round (5 seeds on 2 workers: the
-    fifth), which run while the other workers are idle and get their threads."""
-    stages, last = threads.parallel_stages(), seeds % count
+    fifth), which run while the other workers are idle and get their threads (`idle_threads`)."""
+    stages, last = threads.parallel_stages(), seeds % count if idle_threads else 0
     return [stages * (count if index < seeds - last else last) for index in range(seeds)]
 
 
-def map_seeds(work: Callable[[int], Result], seeds: list[int], memory_per_seed: float | None = None) -> list[Result]:
+def _described(task) -> str:
+    """A task as the error message names it: `calibration seed 3`, `int8 calibration seed 3`."""
+    *rest, seed = task if isinstance(task, tuple) else (task,)
+    return " ".join([*map(str, rest), f"calibration seed {seed}"])
+
+
+def map_seeds(work: Callable[[Task], Result], seeds: list[Task], memory_per_seed: float | None = None,
+              idle_threads: bool = True) -> list[Result]:
     """[work(seed) for seed in seeds], spread over `workers(len(seeds))` forked processes, or
-    fewer when `memory_per_seed` (bytes) times that is more than the memory available."""
+    fewer when `memory_per_seed` (bytes) times that is more than the memory available. A seed may
+    be any task (a (dtype, seed) pair: its last element is the calibration seed); `idle_threads`:
+    whether the tasks of a last, incomplete round take the idle workers' threads."""
     global _work
     count = workers_for_memory(workers(len(seeds)), memory_per_seed)
     if count == 1:
@@ -125,14 +140,15 @@ def map_seeds(work: Callable[[int], Result], seeds: list[int], memory_per_seed: 
     try:
         with ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("fork"),
                                  initializer=_set_threads, initargs=(threads.parallel_stages() * count,)) as pool:
-            futures = [pool.submit(_run, seed, stages) for seed, stages in zip(seeds, shares(len(seeds), count))]
+            futures = [pool.submit(_run, seed, stages)
+                       for seed, stages in zip(seeds, shares(len(seeds), count, idle_threads))]
             results = []
             for seed, future in zip(seeds, futures):
                 try:
                     results.append(future.result())
                 except BrokenProcessPool:
                     raise PipelineError(f"a worker process died (killed, out of memory or crashed) before "
-                                        f"calibration seed {seed} was done; RESNET8_PARALLEL_STAGES=<CPUs> "
+                                        f"{_described(seed)} was done; RESNET8_PARALLEL_STAGES=<CPUs> "
                                         "runs the seeds one at a time in the stage's own process") from None
             return results
     finally:
