@@ -81,8 +81,9 @@ def tiny(tmp_path_factory) -> Path:
     import yaml
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["calibrate"]["samples"], params["adaround"]["iterations"] = 100, 30
-    params["adaround"]["images"] = 25  # AdaRound's cost is per image, and the AVX2 test runs it emulated
+    # AdaRound's cost is per image and per step, and the AVX2 test runs two draws of it emulated: each
+    # step costs about 6 s there, each image about 7.5 s (the float64 gemms under QEMU)
+    params["calibrate"]["samples"], params["adaround"]["iterations"], params["adaround"]["images"] = 100, 10, 12
     params["calibrate"]["seeds"], params["calibrate"]["validation"] = SEEDS, 50
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run_script("tiny_models", FLOAT_MODEL["keras"], "data/cifar10", cwd=project)
@@ -474,47 +475,79 @@ def run_on_avx2(module: str, *args: str, cwd: Path, at_once: int = 1) -> None:
 
 @pytest.mark.skipif(QEMU is None, reason="qemu-x86_64 is not installed (apt-get install qemu-user; .ci/run does)")
 def test_the_quantize_chain_gives_the_same_bytes_and_labels_on_an_avx2_cpu(tiny, tmp_path):
+    """Each stage of the chain, from fold_batchnorm to the quantized evaluations, runs on the emulated
+    CPU in a project of its own that holds only its inputs, taken from the native run (`tiny`), and
+    must write what the native run wrote. Given the same inputs each stage gives the same bytes, so
+    the chain run end to end on the emulated CPU would too; and the stages need not wait for each
+    other (emulation is slow: they run two at a time, one thread each, the longest first)."""
     probe = tmp_path / "probe.py"
     probe.write_text("import numpy, torch\n"
                      "print(numpy._core._multiarray_umath.__cpu_features__['AVX512F'], "
                      "torch.backends.cpu.get_cpu_capability())\n")
+    import os
     import subprocess
     import sys
 
-    seen = subprocess.run([QEMU, *AVX2_CPU, sys.executable, str(probe)], capture_output=True, text=True, timeout=600)
-    assert seen.stdout.split() == ["False", "AVX2"], seen.stdout + seen.stderr  # really another CPU kind
-
-    project = tmp_path / "project"
-    for name in ("params.yaml", FLOAT_MODEL["onnx"], "data/cifar10", "data/calibration",
-                 "metrics/eval/onnx.json", "data/predictions/onnx.npy"):
-        (project / name).parent.mkdir(parents=True, exist_ok=True)
-        (shutil.copytree if (tiny / name).is_dir() else shutil.copy)(tiny / name, project / name)
-    # the first seed only (emulation is slow): each seed's models are built on their own, so seed 0's
-    # must come out the same as in the two-seed run
     import yaml
 
-    params = yaml.safe_load((project / "params.yaml").read_text())
+    # the first seed only: each seed's models are built on their own, so seed 0's must come out the
+    # same as in the two-seed run
+    params = yaml.safe_load((tiny / "params.yaml").read_text())
     params["calibrate"]["seeds"] = SEEDS[:1]
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    folded = "models/onnx_folded/resnet8.onnx"
-    emulated = partial(run_on_avx2, cwd=project)
-    emulated("stages.fold_batchnorm", "--onnx", FLOAT_MODEL["onnx"], "--data", "data/cifar10", "--out", folded,
-             "--metrics", "metrics/fold_batchnorm.json")
-    emulated("stages.activation_ranges", "--model", folded, "--calibration", "data/calibration", "--out", RANGES)
-    for name in ("metrics/eval/torch.json", "data/predictions/torch.npy"):
-        shutil.copy(tiny / name, project / name)
-    # two emulated processes at a time, one thread each (each emulated CPU runs on one host core):
-    # AdaRound's two (dtype, seed) draws in its two workers, then the quantizers two by two
-    two_at_once = partial(run_on_avx2, cwd=project, at_once=2)
-    quantize_chain(two_at_once, folded, alone=emulated)
-    in_parallel(*(partial(two_at_once, "stages.evaluate", *quantized_evaluate_args(variant)) for variant in QUANTIZED))
-    artifacts = [folded, *(name for name in QUANTIZE_ARTIFACTS if "seed_0" in name)]
-    differ = [name for name in artifacts if (project / name).read_bytes() != (tiny / name).read_bytes()]
+    folded, calibration = "models/onnx_folded/resnet8.onnx", "data/calibration"
+
+    def quantizer(variant: str) -> tuple:
+        backend, dtype = variant.split("_")
+        return (f"stages.quantize_{backend}", quantize_args(backend, dtype),
+                [f"models/adaround/{dtype}", calibration, RANGES], [seed_artifact(variant, 0)])
+
+    def evaluation(variant: str) -> tuple:
+        parent = PARENT[variant.split("_")[0]]
+        return ("stages.evaluate", quantized_evaluate_args(variant),
+                [f"models/{variant}/seed_0", "data/cifar10", f"metrics/eval/{parent}.json",
+                 f"data/predictions/{parent}.npy"],
+                [f"data/predictions/{variant}.npy", f"metrics/eval/{variant}.json"])
+
+    # (stage, its arguments, the native run's files it reads, what it writes), the longest first
+    chain = [("stages.adaround", ["--model", folded, "--calibration", calibration, "--ranges", RANGES,
+                                  "--out", "models/adaround", "--metrics", "metrics/adaround.json"],
+              [folded, calibration, RANGES], [f"models/adaround/{d}/seed_0.onnx" for d in DTYPES]),
+             quantizer("torch_int8"), quantizer("torch_uint8"),
+             ("stages.activation_ranges", ["--model", folded, "--calibration", calibration, "--out", RANGES],
+              [folded, calibration], [f"{RANGES}/seed_0.json"]),
+             ("stages.fold_batchnorm", ["--onnx", FLOAT_MODEL["onnx"], "--data", "data/cifar10", "--out", folded,
+                                        "--metrics", "metrics/fold_batchnorm.json"],
+              [FLOAT_MODEL["onnx"], "data/cifar10"], [folded]),
+             evaluation("torch_uint8"), evaluation("torch_int8"), evaluation("ort_int8"),
+             quantizer("ort_int8"), quantizer("ort_uint8"), evaluation("ort_uint8")]
+
+    def project_of(index: int, inputs: list[str]) -> Path:
+        project = tmp_path / f"stage_{index}"
+        project.mkdir()
+        (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        for name in inputs:
+            (project / name).parent.mkdir(parents=True, exist_ok=True)
+            (shutil.copytree if (tiny / name).is_dir() else shutil.copy)(tiny / name, project / name)
+        return project
+
+    projects = [project_of(index, inputs) for index, (_, _, inputs, _) in enumerate(chain)]
+    at_once = len(os.sched_getaffinity(0))  # in_parallel's count: each emulated process on one host core
+    *_, seen = in_parallel(
+        *(partial(run_on_avx2, module, *args, cwd=project, at_once=at_once)
+          for (module, args, _, _), project in zip(chain, projects)),
+        partial(subprocess.run, [QEMU, *AVX2_CPU, sys.executable, str(probe)], capture_output=True, text=True,
+                timeout=600))
+    assert seen.stdout.split() == ["False", "AVX2"], seen.stdout + seen.stderr  # really another CPU kind
+    differ = [name for (module, _, _, outputs), project in zip(chain, projects) for name in outputs
+              if module != "stages.evaluate" and (project / name).read_bytes() != (tiny / name).read_bytes()]
     assert not differ, f"on the AVX2 CPU these differ: {differ}"
-    for variant in QUANTIZED:  # the integer kernels answer the same on both
-        assert (np.load(project / f"data/predictions/{variant}.npy")[0]
-                == np.load(tiny / f"data/predictions/{variant}.npy")[0]).all(), variant
-        assert read(project, f"metrics/eval/{variant}.json")["execution"] == read(tiny, f"metrics/eval/{variant}.json")["execution"]
+    for (module, args, _, _), project in zip(chain, projects):
+        if module == "stages.evaluate":  # the integer kernels answer the same on both
+            variant = args[args.index("--variant") + 1]
+            assert (np.load(project / f"data/predictions/{variant}.npy")[0]
+                    == np.load(tiny / f"data/predictions/{variant}.npy")[0]).all(), variant
+            assert (read(project, f"metrics/eval/{variant}.json")["execution"]
+                    == read(tiny, f"metrics/eval/{variant}.json")["execution"]), variant
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
