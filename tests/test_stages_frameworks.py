@@ -65,11 +65,11 @@ def evaluate(project: Path, variant: str, kind: str, model: str, parent: str | N
     return run_module("stages.evaluate", *evaluate_args(variant, kind, model, parent), cwd=project, check=check)
 
 
-def quantize_chain(stage, folded: str = "models/onnx_folded/resnet8.onnx", alone=None) -> None:
+def quantize_chain(stage, folded: str = "models/onnx_folded/resnet8.onnx") -> None:
     """AdaRound (one stage for both dtypes), then the four quantizers in parallel; `stage(module,
-    *args)` runs one stage in the project, `alone` (default `stage`) one that runs by itself."""
-    (alone or stage)("stages.adaround", "--model", folded, "--calibration", "data/calibration", "--ranges", RANGES,
-                     "--out", "models/adaround", "--metrics", "metrics/adaround.json")
+    *args)` runs one stage in the project."""
+    stage("stages.adaround", "--model", folded, "--calibration", "data/calibration", "--ranges", RANGES,
+          "--out", "models/adaround", "--metrics", "metrics/adaround.json")
     in_parallel(*(partial(stage, f"stages.quantize_{variant.split('_')[0]}", *quantize_args(*variant.split("_")))
                   for variant in QUANTIZED))
 
