@@ -111,6 +111,20 @@ def read(project: Path, name: str) -> dict:
     return json.loads((project / name).read_text())
 
 
+def project_from(tiny: Path, project: Path, inputs: list[str], seeds: list[int]) -> Path:
+    """A new project holding `inputs` copied from the tiny run, and its params.yaml with `seeds`."""
+    import yaml
+
+    project.mkdir(parents=True, exist_ok=True)
+    for name in inputs:
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if (tiny / name).is_dir() else shutil.copy)(tiny / name, project / name)
+    params = yaml.safe_load((tiny / "params.yaml").read_text())
+    params["calibrate"]["seeds"] = seeds
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return project
+
+
 def test_convert_onnx_records_a_checked_dynamic_batch_interface(tiny):
     report = read(tiny, "metrics/convert_onnx.json")
     assert report["checker"] == "passed"
@@ -366,16 +380,9 @@ SWITCHES = {
 
 @pytest.mark.parametrize("switch", SWITCHES)
 def test_every_model_artifact_is_the_same_under_thread_and_isa_switches(tiny, switch, tmp_path):
-    import yaml
-
     env, seeds = SWITCHES[switch]
-    project = tmp_path / "project"
-    for name in ("params.yaml", FLOAT_MODEL["keras"], "data/cifar10"):
-        (project / name).parent.mkdir(parents=True, exist_ok=True)
-        (shutil.copytree if (tiny / name).is_dir() else shutil.copy)(tiny / name, project / name)
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["calibrate"]["seeds"] = seeds  # each seed's models are built on their own, from its own draw
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # each seed's models are built on their own, from its own draw
+    project = project_from(tiny, tmp_path / "project", [FLOAT_MODEL["keras"], "data/cifar10"], seeds)
     stage = partial(run_module, cwd=project, **env)
     folded = "models/onnx_folded/resnet8.onnx"
     stage("stages.convert_onnx", "--keras", FLOAT_MODEL["keras"], "--data", "data/cifar10",
@@ -488,12 +495,6 @@ def test_the_quantize_chain_gives_the_same_bytes_and_labels_on_an_avx2_cpu(tiny,
     import subprocess
     import sys
 
-    import yaml
-
-    # the first seed only: each seed's models are built on their own, so seed 0's must come out the
-    # same as in the two-seed run
-    params = yaml.safe_load((tiny / "params.yaml").read_text())
-    params["calibrate"]["seeds"] = SEEDS[:1]
     folded, calibration = "models/onnx_folded/resnet8.onnx", "data/calibration"
 
     def quantizer(variant: str) -> tuple:
@@ -521,16 +522,10 @@ def test_the_quantize_chain_gives_the_same_bytes_and_labels_on_an_avx2_cpu(tiny,
              evaluation("torch_uint8"), evaluation("torch_int8"), evaluation("ort_int8"),
              quantizer("ort_int8"), quantizer("ort_uint8"), evaluation("ort_uint8")]
 
-    def project_of(index: int, inputs: list[str]) -> Path:
-        project = tmp_path / f"stage_{index}"
-        project.mkdir()
-        (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        for name in inputs:
-            (project / name).parent.mkdir(parents=True, exist_ok=True)
-            (shutil.copytree if (tiny / name).is_dir() else shutil.copy)(tiny / name, project / name)
-        return project
-
-    projects = [project_of(index, inputs) for index, (_, _, inputs, _) in enumerate(chain)]
+    # the first seed only: each seed's models are built on their own, so seed 0's must come out the
+    # same as in the two-seed run
+    projects = [project_from(tiny, tmp_path / f"stage_{index}", inputs, SEEDS[:1])
+                for index, (_, _, inputs, _) in enumerate(chain)]
     at_once = len(os.sched_getaffinity(0))  # in_parallel's count: each emulated process on one host core
     *_, seen = in_parallel(
         *(partial(run_on_avx2, module, *args, cwd=project, at_once=at_once)
