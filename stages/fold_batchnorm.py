@@ -24,11 +24,30 @@ from .lib.verify import conversion_report, recorded
 BATCH_SIZE = 1000
 
 
-def fold(source: Path, out: Path) -> dict:
-    import onnx
+def _quant_pre_process():
+    """onnxruntime's quant_pre_process, loaded without torch: its symbolic shape inference lives in
+    onnxruntime.tools, whose __init__ imports a PyTorch export helper whenever torch is installed
+    (1.3 s per process, about 18 s on the emulated CPU). The fold uses nothing of that helper; the
+    stand-in raises if anything ever calls it."""
+    import sys
+    import types
+
+    helper = "onnxruntime.tools.pytorch_export_helpers"
+    if "torch" not in sys.modules and helper not in sys.modules:
+        def infer_input_info(*_args, **_kwargs):
+            raise RuntimeError(f"{helper} was not loaded (stages.fold_batchnorm keeps torch out)")
+
+        sys.modules[helper] = types.ModuleType(helper)
+        sys.modules[helper].infer_input_info = infer_input_info
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    quant_pre_process(str(source), str(out), skip_symbolic_shape=False)
+    return quant_pre_process
+
+
+def fold(source: Path, out: Path) -> dict:
+    import onnx
+
+    _quant_pre_process()(str(source), str(out), skip_symbolic_shape=False)
     folded = onnx.load(str(out))
     ops = Counter(node.op_type for node in folded.graph.node)
     if ops.get("Mul") or ops.get("MatMul"):

@@ -240,6 +240,29 @@ def test_folded_graph_has_no_batchnorm_arithmetic_left(tiny):
     assert "Mul" not in report["ops"] and "MatMul" not in report["ops"]
 
 
+def test_the_fold_loads_onnxruntimes_shape_inference_without_torch(tiny, tmp_path):
+    """fold_batchnorm keeps torch out of its process (onnxruntime.tools would import it), folds to
+    the same bytes as the stage did, and the stand-in it leaves for the helper it skipped says so
+    when called."""
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import sys\n"
+             "from pathlib import Path\n"
+             "from stages.fold_batchnorm import fold\n"
+             f"fold(Path('models/onnx/resnet8.onnx'), Path({str(tmp_path / 'folded.onnx')!r}))\n"
+             "print('torch' in sys.modules)\n"
+             "import onnxruntime.tools\n"
+             "onnxruntime.tools.infer_input_info()\n")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tiny, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.stdout.split() == ["False"], result.stdout + result.stderr
+    assert (tmp_path / "folded.onnx").read_bytes() == (tiny / "models/onnx_folded/resnet8.onnx").read_bytes()
+    assert result.returncode != 0
+    assert "pytorch_export_helpers was not loaded" in result.stderr.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize("variant", QUANTIZED)
 def test_quantized_variant_is_really_quantized(tiny, variant):
     """Integer weights, integer kernels in what runs, and outputs that differ from float."""
