@@ -141,3 +141,42 @@ def test_adaround_adam_steps_as_torch_optim_adam_does_to_the_bit(layout):
             optimizer.step()
     assert ours.stride() == theirs.stride() and torch.equal(bits(ours), bits(theirs.detach()))
     assert not torch.equal(bits(ours), bits(start))
+
+
+class _Toy(torch.nn.Module):
+    """NHWC images in, as ResNet8's graph: two 3x3 convs with a skip, then a Dense layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.conv1(x.permute(0, 3, 1, 2)))
+        return self.fc((torch.relu(self.conv2(y)) + y).mean((2, 3)))
+
+
+def test_draws_of_one_image_array_share_the_float_captures_and_round_as_alone(monkeypatch):
+    """Two dtypes' grids rounded for one calibration draw (the same image array) capture the float
+    model's layer outputs once, and each gets, bit for bit, what it gets rounded alone."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = torch.fx.symbolic_trace(_Toy())
+    images = np.random.default_rng(0).integers(0, 256, (24, 6, 6, 3)).astype(np.float32)
+    ranges = {"conv2": (0.0, 40.0), "fc": (0.0, 60.0)}
+    captured = []
+    capture = adaround._Stream.capture
+    monkeypatch.setattr(adaround._Stream, "capture", lambda self, name, outputs, change=None: (
+        captured.append(outputs), capture(self, name, outputs, change))[1])
+    grids = [adaround.GRIDS["int8"], adaround.GRIDS["uint8"]]
+    together = adaround.adaround_many(model, [images, images], grids, iterations=30, batch=0, seeds=[4, 4],
+                                      input_ranges_per_seed=[ranges, ranges])
+    assert captured.count(True) == 3 and captured.count(False) == 6  # float outputs once per layer
+    for grid, (weights, stats) in zip(grids, together):
+        [(alone, alone_stats)] = adaround.adaround_many(model, [images], grid, iterations=30, batch=0, seeds=[4],
+                                                        input_ranges_per_seed=[ranges])
+        assert weights.keys() == alone.keys() == {"conv1", "conv2", "fc"}
+        assert all(torch.equal(bits(weights[name]), bits(alone[name])) for name in alone)
+        assert stats == alone_stats and sum(s["rounded_away_from_nearest"] for s in stats.values()) > 0
+    assert not torch.equal(together[0][0]["conv2"], together[1][0]["conv2"])  # two grids, two roundings
