@@ -7,7 +7,8 @@ In a scratch copy of this checkout (git-tracked files only; the model from $RESN
 npm tarball from npm's cache):
   1. `dvc repro` of the fetch stages (not timed: downloads are excluded from the targets);
   2. `dvc repro -f` of everything else, stage by stage from the time each "Running stage" line
-     appears: the full run with the default calibration seeds;
+     appears: the full run with the default calibration seeds, and the CPU time it used (with all
+     CPUs busy all the time, the wall time could not be less than that divided by the CPUs);
   3. no-op `dvc repro`, median of 5;
   4. `dvc exp run -S calibrate.percentile=99.98`: a one-parameter experiment that re-runs the
      quantize path only (ranges, AdaRound, both quantizers, their evaluations), then
@@ -28,6 +29,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -70,8 +72,17 @@ def run(project: Path, *command: str, **extra: str) -> tuple[float, str]:
     return took, result.stdout + result.stderr
 
 
-def timed_repro(project: Path, *args: str) -> tuple[float, dict[str, float]]:
-    """`dvc repro ARGS`, with each stage's wall time from the moments its "Running stage" line appears."""
+def cpu_of_children() -> float:
+    """User + system CPU seconds of every finished child process and their reaped descendants (the
+    stages and their seed workers, waited for by dvc and by the stages)."""
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
+
+
+def timed_repro(project: Path, *args: str) -> tuple[float, dict[str, float], float]:
+    """`dvc repro ARGS`: its wall time, each stage's wall time from the moments its "Running stage"
+    line appears, and the CPU time it used (dvc and every stage process, fetch stages included)."""
+    cpu = cpu_of_children()
     start = time.monotonic()
     proc = subprocess.Popen(["dvc", "repro", *args], cwd=project, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -85,7 +96,7 @@ def timed_repro(project: Path, *args: str) -> tuple[float, dict[str, float]]:
         sys.exit("benchmark: dvc repro failed:\n" + "".join(lines[-60:]))
     end = time.monotonic()
     stages = {name: (marks[i + 1][1] if i + 1 < len(marks) else end) - at for i, (name, at) in enumerate(marks)}
-    return end - start, stages
+    return end - start, stages, cpu_of_children() - cpu
 
 
 def scratch_copy(destination: Path, seeds: int | None = None) -> Path:
@@ -187,10 +198,13 @@ def figures(project: Path, with_sweep: bool) -> None:
     """Steps 1-4, and 5 with `with_sweep`."""
     fetch, _ = run(project, "dvc", "repro", *FETCH)
     print(f"fetch stages (not counted): {fetch:.1f} s")
-    total, stages = timed_repro(project, "-f")
+    total, stages, cpu = timed_repro(project, "-f")
     counted = total - sum(t for name, t in stages.items() if name in FETCH)
+    cpus = len(os.sched_getaffinity(0))
     print(f"full dvc repro -f, {len(stages)} stages: {total:.1f} s; without the fetch "
           f"stages {counted:.1f} s (target <= {TARGETS['full']:.0f} s)")
+    print(f"  CPU used, fetch stages included: {cpu:.1f} s; spread over all {cpus} CPUs without a moment "
+          f"idle that alone takes {cpu / cpus:.1f} s")
     for name, took in sorted(stages.items(), key=lambda item: -item[1]):
         print(f"  {name:<36} {took:6.1f} s")
     noop = statistics.median(run(project, "dvc", "repro")[0] for _ in range(5))
