@@ -9,11 +9,8 @@ Writes <dtype>/seed_<seed>.onnx per dtype of quantize.dtypes (or --dtypes) and s
 from its own calibration draw and activation ranges (lib/adaround.adaround_many). The draws of all
 dtypes are handed out together to the worker processes (lib/seed_pool.py, one thread each), so
 both cores stay busy to the end: ten draws on two workers took 77 s, against 50 s for each dtype's
-five, where the fifth draw runs alone. A seed's draws for every dtype are one task, which captures
-the float model's layer outputs once for all of them, except the seeds of a last round that would
-leave workers idle: those are split into one task per dtype (five seeds, two dtypes, two workers:
-four seeds whole, then seed 4's two draws side by side). Both quantizers of a dtype start from its
-graphs; their per-channel symmetric weight quantization then lands exactly on the chosen integers.
+five, where the fifth draw runs alone. Both quantizers of a dtype start from its graphs; their
+per-channel symmetric weight quantization then lands exactly on the chosen integers.
 adaround.iterations = 0 turns it off (the graph is passed on unchanged, so weights round to
 nearest).
 """
@@ -28,11 +25,10 @@ from .lib import ranges as ranges_lib
 from .lib.calibration import CalibrationSet, seed_dir, seed_file
 from .lib.errors import PipelineError, run_main
 from .lib.files import atomic_path, write_json
-from .lib.seed_pool import map_seeds, whole_seeds
+from .lib.seed_pool import map_seeds
 
 
 MEMORY_PER_IMAGE = 1.75e6  # bytes one draw's rounding holds per calibration image (3.5 GB for 2,000, measured)
-MEMORY_PER_DTYPE = 0.6e6  # and per image for each more dtype rounded in the same task (0.8 GB more for 2,000, measured)
 
 
 def main() -> None:
@@ -49,24 +45,19 @@ def main() -> None:
     p, seeds = all_params["adaround"], all_params["calibrate"]["seeds"]
     dtypes = list(dict.fromkeys(args.dtypes or all_params["quantize"]["dtypes"]))
     draws = [(dtype, seed) for dtype in dtypes for seed in seeds]
-    # a task: (*dtypes, seed); a seed whole (all its dtypes, one float capture) unless it falls in a
-    # last round that would leave workers idle, where each of its draws is a task of its own
-    whole = whole_seeds(len(seeds), len(dtypes))
-    tasks = [(*dtypes, seed) for seed in seeds[:whole]] + [(dtype, seed) for seed in seeds[whole:] for dtype in dtypes]
 
-    def round_seed(task: tuple) -> list[tuple[dict, int]]:
-        """The rounding of one calibration draw for each dtype of the task, written to
-        tmp/<dtype>/seed_<seed>.onnx; returns, per dtype, ({layer: stats}, images)."""
-        *task_dtypes, seed = task
+    def round_seed(draw: tuple[str, int]) -> tuple[dict, int]:
+        """One dtype's rounding for one draw, written to tmp/<dtype>/seed_<seed>.onnx; returns
+        ({layer: stats}, images)."""
+        dtype, seed = draw
         images = CalibrationSet.load(seed_dir(args.calibration, seed)).images
         if p["images"] > len(images):
             raise PipelineError(f"adaround.images = {p['images']} is more than the {len(images)} images of "
                                 f"calibration seed {seed} (calibrate.samples); use at most that, or 0 for all")
         images = images[:p["images"] or len(images)]  # a draw is in random order: any N are a random subset
         if p["iterations"] == 0:
-            for dtype in task_dtypes:
-                shutil.copyfile(args.model, seed_file(tmp / dtype, seed, ".onnx"))
-            return [({}, len(images))] * len(task_dtypes)
+            shutil.copyfile(args.model, seed_file(tmp / dtype, seed, ".onnx"))
+            return {}, len(images)
         import torch
 
         from .lib import adaround
@@ -75,33 +66,26 @@ def main() -> None:
         model = from_onnx(args.model)
         ranges = (adaround.input_ranges(args.model, model, ranges_lib.load(seed_file(args.ranges, seed, ".json")))
                   if p["quantized_inputs"] else None)
-        count = len(task_dtypes)  # the same image array for every dtype: its float captures are shared
-        rounded = adaround.adaround_many(model, [images] * count, [adaround.GRIDS[dtype] for dtype in task_dtypes],
-                                         iterations=p["iterations"], batch=p["batch"], seeds=[seed] * count,
-                                         input_ranges_per_seed=[ranges] * count)
+        [(weights, layers)] = adaround.adaround_many(model, [images], adaround.GRIDS[dtype],
+                                                     iterations=p["iterations"], batch=p["batch"], seeds=[seed],
+                                                     input_ranges_per_seed=[ranges])
         modules = dict(model.named_modules())
-        for dtype, (weights, _) in zip(task_dtypes, rounded):
-            with torch.no_grad():
-                for name, weight in weights.items():
-                    modules[name].weight.copy_(weight)
-            adaround.weights_into_onnx(args.model, model, seed_file(tmp / dtype, seed, ".onnx"))
-        return [(layers, len(images)) for _, layers in rounded]
+        with torch.no_grad():
+            for name, weight in weights.items():
+                modules[name].weight.copy_(weight)
+        adaround.weights_into_onnx(args.model, model, seed_file(tmp / dtype, seed, ".onnx"))
+        return layers, len(images)
 
-    largest = len(dtypes) if whole else 1  # dtypes in the largest task
-    per_task = ((p["images"] or all_params["calibrate"]["samples"]) * (MEMORY_PER_IMAGE + (largest - 1) * MEMORY_PER_DTYPE)
-                if p["iterations"] else None)
+    per_draw = (p["images"] or all_params["calibrate"]["samples"]) * MEMORY_PER_IMAGE if p["iterations"] else None
     with atomic_path(args.out, directory=True) as tmp:
         for dtype in dtypes:
             (tmp / dtype).mkdir()
-        # one task per worker (lib/seed_pool.py), one thread each, as many as memory holds; batching
+        # one draw per worker (lib/seed_pool.py), one thread each, as many as memory holds; batching
         # the draws in one optimisation saves 5% of the time for 4x the memory (9.2 GB for five
         # draws of 2,000 images), same result either way
-        done = dict.fromkeys(draws)  # filled in draw order, whichever task computed each
-        for task, results in zip(tasks, map_seeds(round_seed, tasks, memory_per_seed=per_task, idle_threads=False)):
-            *task_dtypes, seed = task
-            done.update({(dtype, seed): result for dtype, result in zip(task_dtypes, results)})
+        done = map_seeds(round_seed, draws, memory_per_seed=per_draw, idle_threads=False)
     summary, count = {dtype: {} for dtype in dtypes}, 0
-    for (dtype, seed), (layers, count) in done.items():
+    for (dtype, seed), (layers, count) in zip(draws, done):
         summary[dtype][str(seed)] = {"weights": sum(layer["weights"] for layer in layers.values()),
                                      "rounded_away_from_nearest": sum(layer["rounded_away_from_nearest"]
                                                                       for layer in layers.values()),

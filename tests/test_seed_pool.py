@@ -118,15 +118,3 @@ def test_no_more_workers_than_the_available_memory_holds(two_cpus, monkeypatch, 
 def test_available_memory_is_read_from_this_machine():
     found = seed_pool.available_memory()
     assert 0 < found < float("inf")
-
-
-def test_whole_seeds_fill_whole_rounds_and_the_split_ones_the_last(two_cpus, monkeypatch):
-    """adaround hands a seed's dtypes out as one task (they share the float captures) except where
-    that would leave a worker idle in the last round."""
-    assert seed_pool.whole_seeds(5, 2) == 4  # 4 whole seeds in 2 rounds, then seed 4's 2 draws side by side
-    assert seed_pool.whole_seeds(4, 2) == 4 and seed_pool.whole_seeds(1, 2) == 0
-    assert seed_pool.whole_seeds(5, 1) == 0  # one dtype: nothing to share
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
-    assert seed_pool.whole_seeds(5, 2) == 0  # 10 workers: every draw at once
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
-    assert seed_pool.whole_seeds(5, 2) == 5  # one worker: share every seed's captures

@@ -535,20 +535,15 @@ def fake_quantize(x: torch.Tensor, low: float, high: float, levels: int = 256) -
     return (x / scale).round_().add_(zero).clamp_(0, levels - 1).sub_(zero).mul_(scale)
 
 
-def adaround_many(model: nn.Module, images_per_seed: list[np.ndarray], grid: Grid | list[Grid],
-                  iterations: int = 1000, batch: int = 32, seeds: list[int] | None = None,
+def adaround_many(model: nn.Module, images_per_seed: list[np.ndarray], grid: Grid, iterations: int = 1000,
+                  batch: int = 32, seeds: list[int] | None = None,
                   input_ranges_per_seed: list[dict | None] | None = None,
                   perturb=None) -> list[tuple[dict[str, torch.Tensor], dict]]:
     """AdaRound for several calibration draws at once: draw d rounds the model on
-    images_per_seed[d] with seed seeds[d], input ranges input_ranges_per_seed[d] (None: no
-    input fake-quantization; the whole argument None: none for any draw) and grid `grid` (or
-    grid[d], one per draw). Returns, per draw, ({module name: rounded float64 weight},
-    {module name: stats}), each exactly what `adaround` gives for that draw alone. `model` is not
-    modified (the work happens on float64 copies).
-
-    Draws given the same image array (the same object: one calibration draw rounded for two
-    dtypes' grids) share the float model's layer outputs, captured once (2.8 s of a 14.5 s draw
-    of 2,000 images): the same operations on the same images, so the same values.
+    images_per_seed[d] with seed seeds[d] and input ranges input_ranges_per_seed[d] (None: no
+    input fake-quantization; the whole argument None: none for any draw). Returns, per draw,
+    ({module name: rounded float64 weight}, {module name: stats}), each exactly what `adaround`
+    gives for that draw alone. `model` is not modified (the work happens on float64 copies).
 
     Every Conv2d and Linear is rounded layer by layer, in graph order, in float64. Each layer
     learns to reproduce the float model's outputs from the inputs it will see once quantized:
@@ -565,9 +560,6 @@ def adaround_many(model: nn.Module, images_per_seed: list[np.ndarray], grid: Gri
     all_ranges = [None] * draws if input_ranges_per_seed is None else list(input_ranges_per_seed)
     if len(all_ranges) != draws:
         raise ValueError("adaround_many needs one input_ranges (or None) per image set")
-    grids = [grid] * draws if isinstance(grid, Grid) else list(grid)
-    if len(grids) != draws:
-        raise ValueError("adaround_many needs one grid, or one grid per image set")
     change = None if perturb is None else (lambda t: torch.from_numpy(perturb(t.numpy())))
 
     float_model = copy.deepcopy(model).double().eval()
@@ -577,20 +569,12 @@ def adaround_many(model: nn.Module, images_per_seed: list[np.ndarray], grid: Gri
     for m in (float_model, *models):
         _fast_convs(m)
     layers = [dict(m.named_modules()) for m in models]
-    image_sets = {}  # id of an image array: (its float64 tensor, its float stream), one per distinct array
-    for x in images_per_seed:
-        if id(x) not in image_sets:
-            tensor = torch.from_numpy(np.asarray(x, dtype=np.float64))
-            image_sets[id(x)] = (tensor, _Stream(float_model, tensor, names))
-    images = [image_sets[id(x)][0] for x in images_per_seed]
+    images = [torch.from_numpy(np.asarray(x, dtype=np.float64)) for x in images_per_seed]
+    float_streams = [_Stream(float_model, x, names) for x in images]
     streams = [_Stream(m, x, names) for m, x in zip(models, images)]
-    # the draws that share a grid are optimised together (round_layers), each group in draw order
-    groups = [[d for d in range(draws) if grids[d] == g] for g in dict.fromkeys(grids)]
     results = [({}, {}) for _ in range(draws)]
     for index, name in enumerate(names):
-        outputs = {key: stream.capture(name, True, change) for key, (_, stream) in image_sets.items()}
-        targets = [outputs[id(x)] for x in images_per_seed]
-        del outputs
+        targets = [stream.capture(name, True, change) for stream in float_streams]
         inputs = []
         for stream, modules, ranges in zip(streams, layers, all_ranges):
             if ranges is not None and index > 0:  # the first input is exact 8-bit pixels
@@ -599,17 +583,12 @@ def adaround_many(model: nn.Module, images_per_seed: list[np.ndarray], grid: Gri
                     lambda _m, args, low=low, high=high: (fake_quantize(args[0], low, high),))
             inputs.append(stream.capture(name, False, change))
         module = float_layers[name]
-        rounded = [None] * draws
-        for group in groups:
-            learned = round_layers(module, [inputs[d] for d in group], [targets[d] for d in group], grids[group[0]],
-                                   iterations, batch, [seeds[d] + index for d in group])
-            for d, new in zip(group, learned.unbind(0)):
-                rounded[d] = new
+        rounded = round_layers(module, inputs, targets, grid, iterations, batch, [seed + index for seed in seeds])
         del inputs, targets
         weight = module.weight.detach()
-        for (weights, stats), modules, new, draw_grid in zip(results, layers, rounded, grids):
-            scale = channel_scale(weight, draw_grid)
-            nearest = torch.round(weight / scale)
+        scale = channel_scale(weight, grid)
+        nearest = torch.round(weight / scale)
+        for (weights, stats), modules, new in zip(results, layers, rounded.unbind(0)):
             new = new.clone()
             with torch.no_grad():
                 modules[name].weight.copy_(new)

@@ -58,16 +58,6 @@ def workers(seeds: int) -> int:
     return max(1, min(threads.budget(), seeds))
 
 
-def whole_seeds(seeds: int, parts: int) -> int:
-    """How many of `seeds` seeds to hand out whole, as one task for all `parts` draws of the seed
-    (its dtypes, which then share work), the others split into one task per draw: the seeds that
-    fill whole rounds of the workers, so that the split ones fill the last round (5 seeds of 2
-    dtypes on 2 workers: 4 whole, 1 split into 2 draws side by side). With one part, none."""
-    if parts < 2:
-        return 0
-    return seeds - seeds % workers(seeds * parts)
-
-
 def available_memory() -> float:
     """Bytes this process can still allocate without swapping or an out-of-memory kill: the
     kernel's MemAvailable, or what the cgroup's memory limit leaves when that is less."""
@@ -131,10 +121,9 @@ def shares(seeds: int, count: int, idle_threads: bool = True) -> list[int]:
 
 
 def _described(task) -> str:
-    """A task as the error message names it: `calibration seed 3`, `int8 calibration seed 3`,
-    `int8 and uint8 calibration seed 3`."""
+    """A task as the error message names it: `calibration seed 3`, `int8 calibration seed 3`."""
     *rest, seed = task if isinstance(task, tuple) else (task,)
-    return " ".join([" and ".join(map(str, rest)), f"calibration seed {seed}"]).strip()
+    return " ".join([*map(str, rest), f"calibration seed {seed}"])
 
 
 def map_seeds(work: Callable[[Task], Result], seeds: list[Task], memory_per_seed: float | None = None,
