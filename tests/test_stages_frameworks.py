@@ -125,6 +125,16 @@ def project_from(tiny: Path, project: Path, inputs: list[str], seeds: list[int])
     return project
 
 
+def run_probe(code: str, cwd: Path):
+    """`code` run by a fresh Python in `cwd` with this checkout importable; its CompletedProcess."""
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
 def test_convert_onnx_records_a_checked_dynamic_batch_interface(tiny):
     report = read(tiny, "metrics/convert_onnx.json")
     assert report["checker"] == "passed"
@@ -168,10 +178,6 @@ def test_convert_torch_matches_onnx_and_reloads_identically_in_fresh_processes(t
 def test_onnx2torch_converts_without_torchvision_and_names_an_op_it_left_out(tiny):
     """torch_models.from_onnx loads onnx2torch without its two torchvision converters: the model
     converts with torchvision never imported, and a graph with NonMaxSuppression fails naming it."""
-    import os
-    import subprocess
-    import sys
-
     probe = ("import sys, onnx\n"
              "from onnx import TensorProto, helper\n"
              "from stages.lib.torch_models import from_onnx, _onnx2torch_convert\n"
@@ -182,8 +188,7 @@ def test_onnx2torch_converts_without_torchvision_and_names_an_op_it_left_out(tin
              " helper.make_tensor_value_info('s', TensorProto.FLOAT, [1, 1, 4])],"
              " [helper.make_tensor_value_info('o', TensorProto.INT64, None)])\n"
              "_onnx2torch_convert()(helper.make_model(graph, opset_imports=[helper.make_opsetid('', 13)]))\n")
-    result = subprocess.run([sys.executable, "-c", probe], cwd=tiny, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    result = run_probe(probe, tiny)
     printed = result.stdout.split()
     assert len(printed) == 2, result.stdout + result.stderr  # the model converted
     modules, torchvision = printed
@@ -244,10 +249,6 @@ def test_the_fold_loads_onnxruntimes_shape_inference_without_torch(tiny, tmp_pat
     """fold_batchnorm keeps torch out of its process (onnxruntime.tools would import it), folds to
     the same bytes as the stage did, and the stand-in it leaves for the helper it skipped says so
     when called."""
-    import os
-    import subprocess
-    import sys
-
     probe = ("import sys\n"
              "from pathlib import Path\n"
              "from stages.fold_batchnorm import fold\n"
@@ -255,8 +256,7 @@ def test_the_fold_loads_onnxruntimes_shape_inference_without_torch(tiny, tmp_pat
              "print('torch' in sys.modules)\n"
              "import onnxruntime.tools\n"
              "onnxruntime.tools.infer_input_info()\n")
-    result = subprocess.run([sys.executable, "-c", probe], cwd=tiny, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    result = run_probe(probe, tiny)
     assert result.stdout.split() == ["False"], result.stdout + result.stderr
     assert (tmp_path / "folded.onnx").read_bytes() == (tiny / "models/onnx_folded/resnet8.onnx").read_bytes()
     assert result.returncode != 0
