@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, in_parallel, run_module, run_script
+from tests.conftest import REPO, in_parallel, run_module, run_script, stage_env
 
 DTYPES = ("int8", "uint8")
 QUANTIZED = [f"{backend}_{dtype}" for backend in ("ort", "torch") for dtype in DTYPES]
@@ -126,13 +126,12 @@ def project_from(tiny: Path, project: Path, inputs: list[str], seeds: list[int])
 
 
 def run_probe(code: str, cwd: Path):
-    """`code` run by a fresh Python in `cwd` with this checkout importable; its CompletedProcess."""
-    import os
+    """`code` run by a fresh Python in `cwd`, in the environment the stages get; its CompletedProcess."""
     import subprocess
     import sys
 
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+                          env=stage_env())
 
 
 def test_convert_onnx_records_a_checked_dynamic_batch_interface(tiny):
@@ -494,8 +493,6 @@ def run_on_avx2(module: str, *args: str, cwd: Path, at_once: int = 1) -> None:
     which the other test worker shares too)."""
     import subprocess
     import sys
-
-    from tests.conftest import stage_env
 
     result = subprocess.run([QEMU, *AVX2_CPU, sys.executable, "-m", module, *map(str, args)], cwd=cwd,
                             env=stage_env(RESNET8_PARALLEL_STAGES=str(at_once)), capture_output=True, text=True,
