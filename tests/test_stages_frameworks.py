@@ -82,7 +82,8 @@ def tiny(tmp_path_factory) -> Path:
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     # AdaRound's cost is per image and per step, and the AVX2 test runs two draws of it emulated: each
-    # step costs about 6 s there, each image about 7.5 s (the float64 gemms under QEMU)
+    # step cost about 6 s there, each image about 7.5 s (the float64 gemms under QEMU), before the
+    # emulator got tests/qemu_host_fma.c (the emulated stage: 289 s before, 120 s with it)
     params["calibrate"]["samples"], params["adaround"]["iterations"], params["adaround"]["images"] = 100, 10, 12
     params["calibrate"]["seeds"], params["calibrate"]["validation"] = SEEDS, 50
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -487,17 +488,68 @@ QEMU = shutil.which("qemu-x86_64")
 AVX2_CPU = ["-cpu", "Haswell-noTSX,-pcid,-x2apic,-tsc-deadline,-invpcid"]
 
 
-def run_on_avx2(module: str, *args: str, cwd: Path, at_once: int = 1) -> None:
-    """Run a stage on the emulated CPU, as one of `at_once` stages running at the same time: its
-    thread budget (two emulated stages at two threads each would be four threads on two cores,
-    which the other test worker shares too)."""
+def emulator(build: Path) -> tuple[list[str], dict]:
+    """The emulator's command up to the program, and what its own process adds to the environment:
+    QEMU with tests/qemu_host_fma.c preloaded where the host has AVX and FMA and a C compiler is at
+    hand (the emulated program computes the same; on the Intel Xeon measured, its float64 gemms ran
+    5.5 times as fast), else QEMU alone. The emulated program does not inherit the preload."""
+    import os
+    import subprocess
+
+    command, env = [QEMU], {}
+    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("flags")), [])
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    library = build / "qemu_host_fma.so"
+    if {"avx", "fma"} <= set(flags) and compiler and subprocess.run(
+            [compiler, "-O2", "-shared", "-fPIC", "-o", str(library), str(Path(__file__).with_name("qemu_host_fma.c"))],
+            capture_output=True).returncode == 0:
+        preload = os.environ.get("LD_PRELOAD")
+        env["LD_PRELOAD"] = str(library) + (f":{preload}" if preload else "")
+        command += ["-E", f"LD_PRELOAD={preload}"] if preload else ["-U", "LD_PRELOAD"]
+    return [*command, *AVX2_CPU], env
+
+
+def run_on_avx2(module: str, *args: str, cwd: Path, emulated: tuple[list[str], dict], at_once: int = 1) -> None:
+    """Run a stage on the emulated CPU (`emulated`: what `emulator` gives), as one of `at_once`
+    stages running at the same time: its thread budget (two emulated stages at two threads each
+    would be four threads on two cores, which the other test worker shares too)."""
     import subprocess
     import sys
 
-    result = subprocess.run([QEMU, *AVX2_CPU, sys.executable, "-m", module, *map(str, args)], cwd=cwd,
-                            env=stage_env(RESNET8_PARALLEL_STAGES=str(at_once)), capture_output=True, text=True,
-                            timeout=1800)
+    command, host_env = emulated
+    result = subprocess.run([*command, sys.executable, "-m", module, *map(str, args)], cwd=cwd,
+                            env=stage_env(RESNET8_PARALLEL_STAGES=str(at_once), **host_env), capture_output=True,
+                            text=True, timeout=1800)
     assert result.returncode == 0, f"{module} on the emulated AVX2 CPU failed:\n{result.stdout}\n{result.stderr}"
+
+
+def test_the_emulators_host_fma_is_libms_bit_for_bit(tmp_path):
+    """tests/qemu_host_fma.c stands in for libm's fma() and fmaf() in QEMU's process: it must give
+    libm's results, bit for bit, on ordinary, huge, tiny, subnormal, zero, infinite and NaN operands."""
+    import ctypes
+    import ctypes.util
+
+    command, env = emulator(tmp_path)
+    if "LD_PRELOAD" not in env:
+        pytest.skip("this host has no AVX and FMA, or no C compiler: the emulator runs without the stand-in")
+    shim, libm = ctypes.CDLL(str(tmp_path / "qemu_host_fma.so")), ctypes.CDLL(ctypes.util.find_library("m"))
+    rng = np.random.default_rng(0)
+    for name, ctype, dtype, bits in (("fma", ctypes.c_double, np.float64, np.uint64),
+                                     ("fmaf", ctypes.c_float, np.float32, np.uint32)):
+        info, decades = np.finfo(dtype), (30 if dtype is np.float32 else 300)
+        special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, info.tiny, info.tiny / 4, info.max, info.eps, 1.0],
+                           dtype=dtype)
+        triples = np.concatenate([rng.standard_normal((3000, 3)).astype(dtype),
+                                  (rng.standard_normal((1000, 3)) * 10.0 ** rng.integers(-decades, decades, (1000, 3))).astype(dtype),
+                                  rng.choice(special, (1000, 3))])
+        ours, theirs = getattr(shim, name), getattr(libm, name)
+        for function in (ours, theirs):
+            function.restype, function.argtypes = ctype, [ctype] * 3
+        got = np.array([ours(*map(float, t)) for t in triples], dtype=dtype)
+        want = np.array([theirs(*map(float, t)) for t in triples], dtype=dtype)
+        assert (got.view(bits) == want.view(bits)).all(), name
+    assert command[:3] == [QEMU, "-U", "LD_PRELOAD"] or command[1] == "-E"  # the emulated program goes without
 
 
 @pytest.mark.skipif(QEMU is None, reason="qemu-x86_64 is not installed (apt-get install qemu-user; .ci/run does)")
@@ -530,28 +582,30 @@ def test_the_quantize_chain_gives_the_same_bytes_and_labels_on_an_avx2_cpu(tiny,
                 [f"data/predictions/{variant}.npy", f"metrics/eval/{variant}.json"])
 
     # (stage, its arguments, the native run's files it reads, what it writes), the longest first
-    chain = [("stages.adaround", ["--model", folded, "--calibration", calibration, "--ranges", RANGES,
+    chain = [quantizer("torch_int8"),
+             ("stages.adaround", ["--model", folded, "--calibration", calibration, "--ranges", RANGES,
                                   "--out", "models/adaround", "--metrics", "metrics/adaround.json"],
               [folded, calibration, RANGES], [f"models/adaround/{d}/seed_0.onnx" for d in DTYPES]),
-             quantizer("torch_int8"), quantizer("torch_uint8"),
+             quantizer("torch_uint8"),
              ("stages.activation_ranges", ["--model", folded, "--calibration", calibration, "--out", RANGES],
               [folded, calibration], [f"{RANGES}/seed_0.json"]),
+             evaluation("torch_uint8"), evaluation("torch_int8"),
              ("stages.fold_batchnorm", ["--onnx", FLOAT_MODEL["onnx"], "--data", "data/cifar10", "--out", folded,
                                         "--metrics", "metrics/fold_batchnorm.json"],
               [FLOAT_MODEL["onnx"], "data/cifar10"], [folded]),
-             evaluation("torch_uint8"), evaluation("torch_int8"), evaluation("ort_int8"),
-             quantizer("ort_int8"), quantizer("ort_uint8"), evaluation("ort_uint8")]
+             evaluation("ort_int8"), quantizer("ort_int8"), quantizer("ort_uint8"), evaluation("ort_uint8")]
 
     # the first seed only: each seed's models are built on their own, so seed 0's must come out the
     # same as in the two-seed run
     projects = [project_from(tiny, tmp_path / f"stage_{index}", inputs, SEEDS[:1])
                 for index, (_, _, inputs, _) in enumerate(chain)]
     at_once = len(os.sched_getaffinity(0))  # in_parallel's count: each emulated process on one host core
+    emulated = emulator(tmp_path)
     *_, seen = in_parallel(
-        *(partial(run_on_avx2, module, *args, cwd=project, at_once=at_once)
+        *(partial(run_on_avx2, module, *args, cwd=project, emulated=emulated, at_once=at_once)
           for (module, args, _, _), project in zip(chain, projects)),
-        partial(subprocess.run, [QEMU, *AVX2_CPU, sys.executable, str(probe)], capture_output=True, text=True,
-                timeout=600))
+        partial(subprocess.run, [*emulated[0], sys.executable, str(probe)], capture_output=True, text=True,
+                timeout=600, env={**os.environ, **emulated[1]}))
     assert seen.stdout.split() == ["False", "AVX2"], seen.stdout + seen.stderr  # really another CPU kind
     differ = [name for (module, _, _, outputs), project in zip(chain, projects) for name in outputs
               if module != "stages.evaluate" and (project / name).read_bytes() != (tiny / name).read_bytes()]
