@@ -3,6 +3,7 @@ directly or through other modules: an edit to any of them must re-run the stage.
 from __future__ import annotations
 
 import re
+import subprocess
 
 import pytest
 import yaml
@@ -53,3 +54,21 @@ def test_dvc_parses_its_yaml_with_libyaml_and_reads_what_the_pure_parser_reads()
     for name in ("dvc.yaml", "dvc.lock", "params.yaml"):
         text = (REPO / name).read_text()
         assert parse_yaml(text, name) == YAML(typ="safe", pure=True).load(text), name
+
+
+def test_every_output_kept_out_of_the_cache_is_tracked_by_git():
+    """An output with `cache: false` (the metrics, the report and its plots) has no copy in DVC's
+    cache, so git must hold it: `dvc plots diff` and `dvc metrics diff` read another revision's or
+    experiment's files from its git tree, and `git checkout` / `dvc exp apply` restore it from
+    there. One that git ignored would exist in the workspace alone, and comparing plots against
+    HEAD or an experiment would fail to load it."""
+    from dvc.repo import Repo
+
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.splitlines()
+    with Repo(str(REPO)) as repo:
+        uncached = sorted({out.def_path for stage in repo.index.stages for out in stage.outs if not out.use_cache})
+    assert "plots/accuracy.json" in uncached and "metrics/summary.json" in uncached, uncached
+    untracked = [path for path in uncached
+                 if path not in tracked and not any(name.startswith(f"{path}/") for name in tracked)]
+    assert not untracked, f"cache: false outputs that git does not track: {untracked}"

@@ -249,3 +249,19 @@ def test_plots_render_as_utf8_and_show_the_differences(pipeline):
         rows = json.loads((pipeline / f"plots/layer_error/{dtype}.json").read_text())
         assert {r["backend"] for r in rows} == {"ort", "torch"}
         assert {r["layer"] for r in rows} == {f"conv2d{s}" for s in ["", *(f"_{i}" for i in range(1, 9))]} | {"dense"}
+
+
+def test_every_plot_compares_with_a_committed_revision(pipeline):
+    """What a user runs to compare the workspace or an experiment with a baseline: after the
+    reproduced state is committed, `dvc plots diff HEAD` loads every plot of dvc.yaml at HEAD and in
+    the workspace. The report's plots have no copy in DVC's cache (cache: false), so they load at
+    HEAD only because git holds them."""
+    git = ["git", "-c", "user.name=e2e", "-c", "user.email=e2e@localhost"]
+    sh(pipeline, *git, "add", "-A")
+    sh(pipeline, *git, "commit", "-qm", "reproduced")
+    result = json.loads(sh(pipeline, "dvc", "plots", "diff", "HEAD", "--json").stdout)
+    assert not result.get("errors"), result["errors"]
+    defined = {name for plot in yaml.safe_load((pipeline / "dvc.yaml").read_text())["plots"] for name in plot}
+    assert set(result["data"]) == defined, sorted(result["data"])
+    for name, items in result["data"].items():
+        assert {rev for item in items for rev in item["revisions"]} == {"HEAD", "workspace"}, name
