@@ -4,6 +4,7 @@
 #   ./run.sh test         the test suite: pytest (extra arguments go to pytest)
 #   ./run.sh dvc ...      any dvc command inside the environment (./run.sh python ... likewise)
 #   ./run.sh plots        dvc plots show, with Vega copied from npm so the page works offline
+#   ./run.sh plots diff [REV ...]   the same for dvc plots diff (workspace against HEAD, or experiments)
 # Set RESNET8_MIRROR to a directory holding pretrainedResnet.h5 to work offline.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -35,7 +36,7 @@ case "$command" in
     exec dvc "$@" ;;
   python) exec python "$@" ;;
   plots)
-    dvc plots show "$@"
+    if [ "${1:-}" = diff ]; then shift; dvc plots diff "$@"; else dvc plots show "$@"; fi
     vega=(vega@5.20.2 vega-lite@5.2.0 vega-embed@6.18.2)
     work="$(mktemp -d)"
     for spec in "${vega[@]}"; do
