@@ -265,3 +265,25 @@ def test_every_plot_compares_with_a_committed_revision(pipeline):
     assert set(result["data"]) == defined, sorted(result["data"])
     for name, items in result["data"].items():
         assert {rev for item in items for rev in item["revisions"]} == {"HEAD", "workspace"}, name
+
+
+def test_the_readmes_experiment_tables_show_each_quantized_variants_figures(pipeline):
+    """The README's two `dvc exp show` commands, run on the real metrics, show the four quantized
+    variants' figures from metrics/summary.json and nothing else besides parameters. DVC matches
+    --keep and --drop from the start of a column's name, so a pattern such as 'delta_points' had
+    kept one column only, MLPerf's reference delta from its own metrics file."""
+    import csv
+    import shlex
+
+    summary = json.loads((pipeline / "metrics/summary.json").read_text())
+    commands = re.findall(r"^COLUMNS=\d+ \./run\.sh dvc exp show (.+)$", (REPO / "README.md").read_text(), re.M)
+    assert len(commands) == 2, commands
+    for args in commands:
+        rows = list(csv.DictReader(sh(pipeline, "dvc", "exp", "show", *shlex.split(args), "--csv").stdout.splitlines()))
+        figures = {column for column in rows[0] if column.split(".")[0] in QUANTIZED}
+        others = set(rows[0]) - figures - {"Experiment"}
+        assert {column.split(".")[0] for column in figures} == set(QUANTIZED), (args, sorted(rows[0]))
+        assert not others, (args, sorted(others))  # one commit, so no parameter differs
+        for column in figures:
+            variant, metric = column.split(".", 1)
+            assert {float(row[column]) for row in rows if row[column]} == {summary[variant][metric]}, column
