@@ -10,6 +10,10 @@ the mean over calibration seeds, with std, min, max, the bootstrap interval of t
 smallest McNemar p-value), laid out so that `dvc metrics diff` prints one line per variant and
 number. The Markdown report holds the comparison table, the per-seed table, the per-class
 accuracy deltas and the per-layer error. Everything is read from the metrics files.
+
+Only the dtypes in `quantize.dtypes` are reported: when an experiment drops a dtype, DVC drops its
+stages but leaves their outputs (metrics/eval/ort_int8.json, ...) in place, and those figures
+belong to an earlier run. The stage names the files it leaves out.
 """
 from __future__ import annotations
 
@@ -17,15 +21,24 @@ import argparse
 import json
 from pathlib import Path
 
+from .lib import params as params_lib
 from .lib.cifar10 import CLASSES
 from .lib.errors import PipelineError, run_main
 from .lib.files import atomic_path, read_json, write_json
 
 FLOAT_ORDER = ("keras", "onnx", "torch")
+QUANTIZED_BACKENDS = ("ort", "torch")  # quantized variants are <backend>_<dtype> (dvc.yaml)
 
 
-def load_variants(directory: Path) -> dict[str, dict]:
-    files = sorted(directory.glob("*.json"))
+def of_dtypes(files: list[Path], dtypes: list[str]) -> tuple[list[Path], list[Path]]:
+    """(the files of variants this run builds, those an earlier run left): a quantized variant's
+    (<backend>_<dtype>) belong to this run only if its dtype is in `dtypes`."""
+    earlier = {f"{backend}_{dtype}" for backend in QUANTIZED_BACKENDS for dtype in params_lib.DTYPES
+               if dtype not in dtypes}
+    return [f for f in files if f.stem not in earlier], [f for f in files if f.stem in earlier]
+
+
+def load_variants(files: list[Path], directory: Path) -> dict[str, dict]:
     if not files:
         raise PipelineError(f"{directory}: no evaluation metrics found (run the evaluate stages)")
     variants = {f.stem: read_json(f) for f in files}
@@ -265,13 +278,20 @@ def main() -> None:
     parser.add_argument("--report", type=Path, required=True)
     args = parser.parse_args()
 
-    variants = load_variants(args.eval)
+    dtypes = params_lib.load()["quantize"]["dtypes"]
+    eval_files, earlier = of_dtypes(sorted(args.eval.glob("*.json")), dtypes)
+    error_files, earlier_errors = of_dtypes(sorted(args.layer_error.glob("*.json")) if args.layer_error.is_dir() else [],
+                                            dtypes)
+    if earlier or earlier_errors:
+        print(f"report: left out {', '.join(map(str, earlier + earlier_errors))}: not a dtype of quantize.dtypes "
+              f"{dtypes} (an earlier run's outputs, which DVC does not delete)")
+    variants = load_variants(eval_files, args.eval)
     conversions = load_conversions(args.conversions)
     summary = summarise(variants, conversions)
     baseline = next((variants[v]["accuracy"] for v in FLOAT_ORDER if v in variants), None)
     write_json(args.accuracy_plot, accuracy_points(variants, baseline))
     write_json(args.per_class_plot, per_class_delta(variants))
-    errors = {f.stem: read_json(f) for f in sorted(args.layer_error.glob("*.json"))} if args.layer_error.is_dir() else {}
+    errors = {f.stem: read_json(f) for f in error_files}
     keras_layers = next((c["keras_layers"] for c in conversions.values() if "keras_layers" in c), {})
     layer_errors = layer_error_by_dtype(errors, keras_layers)
     with atomic_path(args.layer_error_plots, directory=True) as tmp:

@@ -46,8 +46,18 @@ def seeded_metrics(variant: str, correct: list[int], parent: str, parent_correct
 
 @pytest.fixture
 def reported(tmp_path: Path) -> Path:
+    report(tmp_path, "[int8, uint8]")
+    return tmp_path
+
+
+def report(tmp_path: Path, dtypes: str):
+    """The report stage on made-up metrics of every float variant, MLPerf's reference, ort_int8 and
+    torch_uint8, with `quantize.dtypes: <dtypes>` in the project's params.yaml."""
+    params = (REPO / "params.yaml").read_text()
+    assert "dtypes: [int8, uint8]" in params
+    (tmp_path / "params.yaml").write_text(params.replace("dtypes: [int8, uint8]", f"dtypes: {dtypes}"))
     directory = tmp_path / "metrics" / "eval"
-    directory.mkdir(parents=True)
+    directory.mkdir(parents=True, exist_ok=True)
     variants = [eval_metrics("keras", 8719, size=16000), eval_metrics("onnx", 8719, size=4000),
                 eval_metrics("torch", 8719, size=4000),
                 eval_metrics("mlperf_int8", 8697, "keras", 8719, 900, "integer"),
@@ -58,7 +68,7 @@ def reported(tmp_path: Path) -> Path:
     for v in variants:
         (directory / f"{v['variant']}.json").write_text(json.dumps(v))
     errors = tmp_path / "metrics" / "layer_error"
-    errors.mkdir()
+    errors.mkdir(exist_ok=True)
     layers = {  # ONNX Runtime: tensors (a ReLU output belongs to its Conv), PyTorch: modules
         "ort_uint8": [{"layer": "relu0:0", "node": "n/conv0", "sqnr_db": 41.0},
                       {"layer": "add:0", "node": "n/add", "sqnr_db": 20.0},
@@ -71,12 +81,28 @@ def reported(tmp_path: Path) -> Path:
     (tmp_path / "metrics" / "convert_onnx.json").write_text(json.dumps(
         {"opset": 13, "vs_keras": {"max_abs_diff_below": 1e-05, "argmax_agreement": 0.9999, "argmax_disagreements": 1},
          "keras_layers": {"n/conv0": "conv2d", "n/conv1": "conv2d_1"}}))
-    run_module("stages.report", "--eval", "metrics/eval", "--conversions", "metrics/convert_onnx.json",
-               "--summary", "metrics/summary.json",
-               "--accuracy-plot", "plots/accuracy.json", "--per-class-plot", "plots/per_class_delta.json",
-               "--layer-error", "metrics/layer_error", "--layer-error-plots", "plots/layer_error",
-               "--report", "reports/quantization.md", cwd=tmp_path)
-    return tmp_path
+    return run_module("stages.report", "--eval", "metrics/eval", "--conversions", "metrics/convert_onnx.json",
+                      "--summary", "metrics/summary.json",
+                      "--accuracy-plot", "plots/accuracy.json", "--per-class-plot", "plots/per_class_delta.json",
+                      "--layer-error", "metrics/layer_error", "--layer-error-plots", "plots/layer_error",
+                      "--report", "reports/quantization.md", cwd=tmp_path)
+
+
+def test_a_dtype_no_longer_in_quantize_dtypes_is_left_out_by_name(tmp_path):
+    """An experiment with `quantize.dtypes=[uint8]` drops the int8 stages, but DVC leaves their
+    metrics in place: the report must not show an earlier run's int8 figures as this run's."""
+    (tmp_path / "metrics/layer_error").mkdir(parents=True)
+    (tmp_path / "metrics/layer_error/ort_int8.json").write_text(json.dumps(
+        {"variant": "ort_int8", "images": 256, "seed": 0, "split": "test",
+         "layers": [{"layer": "conv1:0", "node": "n/conv1", "sqnr_db": 30.5}]}))
+    output = report(tmp_path, "[uint8]").stdout
+    summary = json.loads((tmp_path / "metrics/summary.json").read_text())
+    assert list(summary) == ["keras", "onnx", "torch", "mlperf_int8", "torch_uint8"]
+    assert {row["variant"] for row in json.loads((tmp_path / "plots/accuracy.json").read_text())} == set(summary)
+    assert sorted(p.name for p in (tmp_path / "plots/layer_error").iterdir()) == ["uint8.json"]
+    assert "ort_int8" not in (tmp_path / "reports/quantization.md").read_text()
+    assert ("report: left out metrics/eval/ort_int8.json, metrics/layer_error/ort_int8.json: not a dtype of "
+            "quantize.dtypes ['uint8']") in output, output
 
 
 def table_rows(markdown: str, header_start: str) -> list[list[str]]:
@@ -161,6 +187,7 @@ def test_layer_error_tables_and_plots_match_the_files(reported):
 
 
 def test_a_missing_parent_is_a_clear_error(tmp_path):
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
     directory = tmp_path / "metrics" / "eval"
     directory.mkdir(parents=True)
     (directory / "ort_int8.json").write_text(json.dumps(eval_metrics("ort_int8", 8700, "onnx", 8719)))
