@@ -1,8 +1,9 @@
 """Stage report: one place to compare every variant.
 
-    python -m stages.report --eval metrics/eval --summary metrics/summary.json \
-        --accuracy-plot plots/accuracy.json --per-class-plots plots/per_class \
-        --report reports/quantization.md
+    python -m stages.report --eval metrics/eval \
+        --conversions metrics/convert_onnx.json metrics/convert_torch.json --summary metrics/summary.json \
+        --accuracy-plot plots/accuracy.json --per-class-plot plots/per_class_delta.json \
+        --layer-error metrics/layer_error --layer-error-plots plots/layer_error --report reports/quantization.md
 
 metrics/summary.json has one entry per variant (accuracy, delta in points against its float
 parent, argmax agreement with it, size and size ratio, execution kind; for a quantized variant
@@ -31,8 +32,8 @@ QUANTIZED_BACKENDS = ("ort", "torch")  # quantized variants are <backend>_<dtype
 
 
 def of_dtypes(files: list[Path], dtypes: list[str]) -> tuple[list[Path], list[Path]]:
-    """(the files of variants this run builds, those an earlier run left): a quantized variant's
-    (<backend>_<dtype>) belong to this run only if its dtype is in `dtypes`."""
+    """(the files of the variants this run builds, the files an earlier run left): a quantized
+    variant's file (<backend>_<dtype>.json) is this run's only if its dtype is in `dtypes`."""
     earlier = {f"{backend}_{dtype}" for backend in QUANTIZED_BACKENDS for dtype in params_lib.DTYPES
                if dtype not in dtypes}
     return [f for f in files if f.stem not in earlier], [f for f in files if f.stem in earlier]
