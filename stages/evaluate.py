@@ -133,7 +133,6 @@ def main() -> None:
     parser.add_argument("--parent")
     parser.add_argument("--parent-metrics", type=Path)
     parser.add_argument("--parent-predictions", type=Path)
-    parser.add_argument("--flips", type=Path, help="with --parent: CSV of the images whose answer changed")
     args = parser.parse_args()
     all_params = params_lib.load()
     p = all_params["evaluate"]
@@ -171,8 +170,6 @@ def main() -> None:
         with open(tmp, "wb") as handle:
             np.save(handle, predicted)
     metrics.write_confusion_csv(args.confusion, predicted, split.labels, seeds)
-    if args.parent is not None and args.flips is not None:
-        metrics.write_flips_csv(args.flips, parent_labels, predicted, seeds)
     write_json(args.metrics, result)
     if seeds is None:
         extra = f", delta {result['delta_points']:+.2f} points vs {args.parent}" if args.parent else ""

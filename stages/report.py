@@ -3,18 +3,22 @@
     python -m stages.report --eval metrics/eval \
         --conversions metrics/convert_onnx.json metrics/convert_torch.json --summary metrics/summary.json \
         --accuracy-plot plots/accuracy.json --per-class-plot plots/per_class_delta.json \
-        --layer-error metrics/layer_error --layer-error-plots plots/layer_error --report reports/quantization.md
+        --layer-error metrics/layer_error --layer-error-plots plots/layer_error \
+        --predictions data/predictions --flips-plots plots/flips --report reports/quantization.md
 
 metrics/summary.json has one entry per variant (accuracy, delta in points against its float
 parent, argmax agreement with it, size and size ratio, execution kind; for a quantized variant
 the mean over calibration seeds, with std, min, max, the bootstrap interval of the delta and the
 smallest McNemar p-value), laid out so that `dvc metrics diff` prints one line per variant and
 number. The Markdown report holds the comparison table, the per-seed table, the per-class
-accuracy deltas and the per-layer error. Everything is read from the metrics files.
+accuracy deltas and the per-layer error. Everything is read from the metrics files, except the
+flip plots (plots/flips/<variant>.csv: the images whose predicted class changed from the parent's,
+per calibration seed), which are counted from the predicted labels in data/predictions.
 
 Only the dtypes in `quantize.dtypes` are reported: when an experiment drops a dtype, DVC drops its
 stages but leaves their outputs (metrics/eval/ort_int8.json, ...) in place, and those figures
-belong to an earlier run. The stage names the files it leaves out.
+belong to an earlier run. The stage names the files it leaves out, and its plot directories hold
+only the reported variants, so no plot shows an earlier run's figures.
 """
 from __future__ import annotations
 
@@ -22,10 +26,11 @@ import argparse
 import json
 from pathlib import Path
 
+from .lib import metrics
 from .lib import params as params_lib
 from .lib.cifar10 import CLASSES
 from .lib.errors import PipelineError, run_main
-from .lib.files import atomic_path, read_json, write_json
+from .lib.files import atomic_path, load_npy, read_json, write_json
 
 FLOAT_ORDER = ("keras", "onnx", "torch")
 QUANTIZED_BACKENDS = ("ort", "torch")  # quantized variants are <backend>_<dtype> (dvc.yaml)
@@ -184,6 +189,35 @@ def per_class_table(variants: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
+def flip_sources(predictions: Path, variants: dict[str, dict]) -> dict[str, tuple]:
+    """{variant with a parent: (parent's labels, its labels, its calibration seeds or None)}, from
+    the predicted labels each evaluation saved in `predictions` (<variant>.npy), checked against the
+    images and seeds its metrics name."""
+    found = {}
+    for name, m in variants.items():
+        if "parent" not in m:
+            continue
+        parent = load_npy(predictions / f"{m['parent']}.npy", f"predictions of '{m['parent']}'")
+        child = load_npy(predictions / f"{name}.npy", f"predictions of '{name}'")
+        seeds = m["seeds"] if "per_seed" in m else None
+        expected = (m["total"],) if seeds is None else (len(seeds), m["total"])
+        if parent.shape != (m["total"],) or child.shape != expected:
+            raise PipelineError(f"{predictions}: the labels of '{name}' {child.shape} and of its parent "
+                                f"'{m['parent']}' {parent.shape} do not match its metrics {expected}; "
+                                "re-run its evaluation")
+        found[name] = (parent, child, seeds)
+    return found
+
+
+def write_flips(directory: Path, sources: dict[str, tuple]) -> None:
+    """One CSV per variant in `directory`, written whole (a variant no longer reported leaves no
+    file behind): the images whose predicted class differs from the parent's, one row per image
+    and calibration seed."""
+    with atomic_path(directory, directory=True) as tmp:
+        for name, (parent, child, seeds) in sources.items():
+            metrics.write_flips_csv(tmp / f"{name}.csv", parent, child, seeds)
+
+
 def keras_name(node: str, keras_layers: dict[str, str]) -> str | None:
     """The Keras layer of an ONNX node (a folded Dense keeps its MatMul's name as prefix)."""
     return keras_layers.get(node) or keras_layers.get(node.rsplit("/", 1)[0])
@@ -276,6 +310,10 @@ def main() -> None:
     parser.add_argument("--per-class-plot", type=Path, required=True)
     parser.add_argument("--layer-error", type=Path, required=True, help="directory of per-layer SQNR files")
     parser.add_argument("--layer-error-plots", type=Path, required=True, help="directory: one file per dtype")
+    parser.add_argument("--predictions", type=Path, required=True,
+                        help="directory of the predicted labels the evaluate stages saved (<variant>.npy)")
+    parser.add_argument("--flips-plots", type=Path, required=True,
+                        help="directory: per variant with a parent, the images whose answer changed")
     parser.add_argument("--report", type=Path, required=True)
     args = parser.parse_args()
 
@@ -289,6 +327,7 @@ def main() -> None:
     variants = load_variants(eval_files, args.eval)
     conversions = load_conversions(args.conversions)
     summary = summarise(variants, conversions)
+    flips = flip_sources(args.predictions, variants)  # read and checked before anything is written
     baseline = next((variants[v]["accuracy"] for v in FLOAT_ORDER if v in variants), None)
     write_json(args.accuracy_plot, accuracy_points(variants, baseline))
     write_json(args.per_class_plot, per_class_delta(variants))
@@ -298,6 +337,7 @@ def main() -> None:
     with atomic_path(args.layer_error_plots, directory=True) as tmp:
         for dtype, rows in layer_errors.items():
             (tmp / f"{dtype}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    write_flips(args.flips_plots, flips)
     write_json(args.summary, summary)
     with atomic_path(args.report) as tmp:
         tmp.write_text(render(summary, variants, conversions, errors, layer_errors))

@@ -1,11 +1,12 @@
 """The report stage: its summary and tables restate exactly the metrics it reads, and it writes
-one well-formed plot file per variant. No framework is needed: it reads JSON only."""
+one well-formed plot file per variant. No framework is needed: it reads JSON and the saved labels."""
 from __future__ import annotations
 
 import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from stages.lib.cifar10 import CLASSES
@@ -50,9 +51,27 @@ def reported(tmp_path: Path) -> Path:
     return tmp_path
 
 
+# Made-up predicted labels (data/predictions): the float models agree; each quantized variant's
+# labels differ from its parent's on FLIPS[variant] images per seed, MLPerf's on 4 (the flip plots
+# count them from the labels, whatever the metrics say).
+FLIPS = {"mlperf_int8": [4], "ort_int8": [3, 0, 5], "torch_uint8": [2, 1, 6]}
+
+
+def predictions(directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    float_labels = np.arange(10000) % 10
+    for name in ("keras", "onnx", "torch"):
+        np.save(directory / f"{name}.npy", float_labels)
+    for name, counts in FLIPS.items():
+        rows = np.stack([float_labels] * len(counts))
+        for row, count in zip(rows, counts):
+            row[:count] = (row[:count] + 1) % 10  # image i: class i % 10 -> the next class
+        np.save(directory / f"{name}.npy", rows[0] if name == "mlperf_int8" else rows)
+
+
 def report(tmp_path: Path, dtypes: str):
-    """The report stage on made-up metrics of every float variant, MLPerf's reference, ort_int8 and
-    torch_uint8, with `quantize.dtypes: <dtypes>` in the project's params.yaml."""
+    """The report stage on made-up metrics and labels of every float variant, MLPerf's reference,
+    ort_int8 and torch_uint8, with `quantize.dtypes: <dtypes>` in the project's params.yaml."""
     params = (REPO / "params.yaml").read_text()
     assert "dtypes: [int8, uint8]" in params
     (tmp_path / "params.yaml").write_text(params.replace("dtypes: [int8, uint8]", f"dtypes: {dtypes}"))
@@ -81,10 +100,12 @@ def report(tmp_path: Path, dtypes: str):
     (tmp_path / "metrics" / "convert_onnx.json").write_text(json.dumps(
         {"opset": 13, "vs_keras": {"max_abs_diff_below": 1e-05, "argmax_agreement": 0.9999, "argmax_disagreements": 1},
          "keras_layers": {"n/conv0": "conv2d", "n/conv1": "conv2d_1"}}))
+    predictions(tmp_path / "data" / "predictions")
     return run_module("stages.report", "--eval", "metrics/eval", "--conversions", "metrics/convert_onnx.json",
                       "--summary", "metrics/summary.json",
                       "--accuracy-plot", "plots/accuracy.json", "--per-class-plot", "plots/per_class_delta.json",
                       "--layer-error", "metrics/layer_error", "--layer-error-plots", "plots/layer_error",
+                      "--predictions", "data/predictions", "--flips-plots", "plots/flips",
                       "--report", "reports/quantization.md", cwd=tmp_path)
 
 
@@ -100,6 +121,7 @@ def test_a_dtype_no_longer_in_quantize_dtypes_is_left_out_by_name(tmp_path):
     assert list(summary) == ["keras", "onnx", "torch", "mlperf_int8", "torch_uint8"]
     assert {row["variant"] for row in json.loads((tmp_path / "plots/accuracy.json").read_text())} == set(summary)
     assert sorted(p.name for p in (tmp_path / "plots/layer_error").iterdir()) == ["uint8.json"]
+    assert sorted(p.name for p in (tmp_path / "plots/flips").iterdir()) == ["mlperf_int8.csv", "torch_uint8.csv"]
     assert "ort_int8" not in (tmp_path / "reports/quantization.md").read_text()
     assert ("report: left out metrics/eval/ort_int8.json, metrics/layer_error/ort_int8.json: not a dtype of "
             "quantize.dtypes ['uint8']") in output, output
@@ -186,6 +208,40 @@ def test_layer_error_tables_and_plots_match_the_files(reported):
         {"layer": "conv2d_1", "backend": "ort", "sqnr_db": 30.5}, {"layer": "conv2d_1", "backend": "torch", "sqnr_db": 22.0}]
 
 
+def test_flip_plots_are_counted_from_the_labels(reported):
+    """One CSV per variant with a parent: a row per image and seed whose class differs from the
+    parent's, as class names (DVC's confusion template draws it)."""
+    assert sorted(p.name for p in (reported / "plots/flips").iterdir()) == [
+        "mlperf_int8.csv", "ort_int8.csv", "torch_uint8.csv"]
+    mlperf = (reported / "plots/flips/mlperf_int8.csv").read_text().splitlines()
+    assert mlperf == ["float_predicted,quantized_predicted", "airplane,automobile", "automobile,bird",
+                      "bird,cat", "cat,deer"]
+    for name in ("ort_int8", "torch_uint8"):
+        lines = (reported / f"plots/flips/{name}.csv").read_text().splitlines()
+        assert lines[0] == "seed,float_predicted,quantized_predicted"
+        assert [sum(line.startswith(f"{seed},") for line in lines[1:]) for seed in range(3)] == FLIPS[name]
+    assert "2,cat,deer" in (reported / "plots/flips/torch_uint8.csv").read_text().splitlines()
+
+
+def test_labels_that_do_not_match_the_metrics_are_a_clear_error(tmp_path):
+    """ort_int8's labels of an earlier run with two seeds, its metrics with three: nothing written."""
+    report(tmp_path, "[int8, uint8]")
+    for path in [tmp_path / "metrics/summary.json", tmp_path / "plots/accuracy.json", *(tmp_path / "plots").rglob("*.csv")]:
+        path.unlink()
+    np.save(tmp_path / "data/predictions/ort_int8.npy", np.zeros((2, 10000), dtype=np.int64))
+    result = run_module("stages.report", "--eval", "metrics/eval", "--conversions", "metrics/convert_onnx.json",
+                        "--summary", "metrics/summary.json", "--accuracy-plot", "plots/accuracy.json",
+                        "--per-class-plot", "p.json", "--layer-error", "metrics/layer_error",
+                        "--layer-error-plots", "lep", "--predictions", "data/predictions",
+                        "--flips-plots", "flips", "--report", "r.md", cwd=tmp_path, check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        "the labels of 'ort_int8' (2, 10000) and of its parent 'onnx' (10000,) do not match its metrics "
+        "(3, 10000); re-run its evaluation"), result.stderr
+    for name in ("metrics/summary.json", "plots/accuracy.json", "p.json", "lep", "flips", "r.md"):
+        assert not (tmp_path / name).exists(), name
+
+
 def test_a_missing_parent_is_a_clear_error(tmp_path):
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
     directory = tmp_path / "metrics" / "eval"
@@ -193,6 +249,7 @@ def test_a_missing_parent_is_a_clear_error(tmp_path):
     (directory / "ort_int8.json").write_text(json.dumps(eval_metrics("ort_int8", 8700, "onnx", 8719)))
     result = run_module("stages.report", "--eval", "metrics/eval", "--summary", "s.json", "--accuracy-plot", "a.json",
                         "--per-class-plot", "p.json", "--layer-error", "le", "--layer-error-plots", "lep",
+                        "--predictions", "data/predictions", "--flips-plots", "flips",
                         "--report", "r.md", cwd=tmp_path, check=False)
     assert result.returncode == 1 and "names parent 'onnx', whose metrics are missing" in result.stderr
     assert not (tmp_path / "s.json").exists()
