@@ -233,7 +233,8 @@ def test_plots_render_as_utf8_and_show_the_differences(pipeline):
     page = (pipeline / "rendered_plots/index.html").read_bytes().decode("utf-8")
     assert '<meta charset="utf-8">' in page.split("</head>")[0]
     for title in ("Top-1 accuracy against the float baseline", "Per-class accuracy change against float",
-                  "plots/flips/ort_int8.csv", "Per-layer SQNR (dB), int8"):
+                  "plots/flips/ort_int8.csv", "Images whose predicted class changed", "plots/layer_error/int8.json",
+                  "Per-layer SQNR (dB) of one dtype"):
         assert title in page, title
     accuracy = json.loads((pipeline / "plots/accuracy.json").read_text())
     assert len({row["points_vs_float_baseline"] for row in accuracy}) > 1
