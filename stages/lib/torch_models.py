@@ -15,7 +15,6 @@ same hashes, in every clone and process.
 from __future__ import annotations
 
 import io
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -57,9 +56,7 @@ def from_onnx(path: Path) -> torch.fx.GraphModule:
         raise PipelineError(f"{path}: ONNX model not found") from None
     except Exception as exc:  # protobuf's DecodeError and friends
         raise PipelineError(f"{path}: not a readable ONNX model ({' '.join(str(exc).split())[:200]})") from None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return convert(graph).eval()
+    return convert(graph).eval()
 
 
 def exportable(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
