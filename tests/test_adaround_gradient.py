@@ -107,7 +107,10 @@ def test_round_layer_learns_what_the_taped_loop_learns(kind, batch):
         module = torch.nn.Conv2d(3, 5, 3, padding=1).double()
         inputs = torch.randn(64, 3, 6, 6, generator=generator, dtype=torch.float64).contiguous(
             memory_format=torch.channels_last)
-    with torch.no_grad():
+    with torch.no_grad():  # the weights from this test's generator too (nn's init draws from the global one)
+        bound = 1 / module.weight[0].numel() ** 0.5  # nn.Linear's and nn.Conv2d's default init range
+        for parameter in module.parameters():
+            parameter.uniform_(-bound, bound, generator=generator)
         outputs = module(inputs)
         targets = outputs + 0.05 * torch.randn(outputs.shape, generator=generator, dtype=torch.float64)
         if kind == "conv":

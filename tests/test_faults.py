@@ -882,6 +882,8 @@ CORRUPT = [
             "bad/truncated.pte"),
     Corrupt("truncated-pt2>evaluate", "stages.evaluate", _e("torch", "bad/truncated.pt2", "c18"),
             "bad/truncated.pt2"),
+    Corrupt("garbage-tflite>evaluate", "stages.evaluate", _e("tflite", "bad/garbage.tflite", "c19"),
+            "bad/garbage.tflite"),
     Corrupt("no-test_images.npy>evaluate", "stages.evaluate", _e("onnx", ONNX, "c9", data="bad/no_test_images"),
             "bad/no_test_images/test_images.npy"),
     Corrupt("no-calibration-dir>quantize_ort", "stages.quantize_ort", _q("int8", PLAIN, "c10", "bad/no_calibration"),
@@ -919,6 +921,7 @@ def run_damaged_inputs(base: Path, project: Path) -> tuple[Path, dict]:
     truncate_copy(project / ONNX, bad / "truncated.onnx")
     truncate_copy(project / ONNX, bad / "truncated_adaround/seed_0.onnx")
     (bad / "garbage.onnx").write_bytes(hashlib.sha512(b"garbage").digest() * 64)
+    shutil.copy(bad / "garbage.onnx", bad / "garbage.tflite")  # LiteRT's interpreter (MLPerf's reference)
     (bad / "garbage_adaround").mkdir()
     shutil.copy(bad / "garbage.onnx", bad / "garbage_adaround/seed_0.onnx")
     truncate_copy(project / "models/torch_int8/seed_0/model.pte", bad / "truncated.pte")
