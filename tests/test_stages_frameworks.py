@@ -510,18 +510,38 @@ def emulator(build: Path) -> tuple[list[str], dict]:
     return [*command, *AVX2_CPU], env
 
 
-def run_on_avx2(module: str, *args: str, cwd: Path, emulated: tuple[list[str], dict], at_once: int = 1) -> None:
-    """Run a stage on the emulated CPU (`emulated`: what `emulator` gives), as one of `at_once`
-    stages running at the same time: its thread budget (two emulated stages at two threads each
-    would be four threads on two cores, which the other test worker shares too)."""
+# what the emulated stages load once, in the process they are forked from (tests/emulated_stages.py);
+# not onnxruntime, which starts a thread when imported (1 s under QEMU)
+EMULATED_PRELOAD = ["torch", "torchao.quantization.pt2e.quantize_pt2e", "executorch.exir",
+                    "executorch.backends.xnnpack.partition.xnnpack_partitioner",
+                    "executorch.backends.xnnpack.quantizer.xnnpack_quantizer", "onnx", "onnx2torch"]
+
+
+def run_on_avx2(stages: list[tuple[str, list, Path]], cwd: Path, emulated: tuple[list[str], dict],
+                at_once: int) -> dict:
+    """Run stages (module, arguments, project) on the emulated CPU (`emulated`: what `emulator`
+    gives), `at_once` at a time in the order given, each with the thread budget of one of `at_once`
+    stages running at the same time (two emulated stages at two threads each would be four threads
+    on two cores, which the other test worker shares too). They are forked from one emulated process
+    that loaded the frameworks once (tests/emulated_stages.py). Returns what CPU that process's numpy
+    and torch detected."""
     import subprocess
     import sys
 
     command, host_env = emulated
-    result = subprocess.run([*command, sys.executable, "-m", module, *map(str, args)], cwd=cwd,
+    spec = cwd / "emulated_stages.json"
+    logs = [project / "emulated_stage.log" for _, _, project in stages]
+    spec.write_text(json.dumps({"at_once": at_once, "preload": EMULATED_PRELOAD, "stages": [
+        {"module": module, "args": list(map(str, args)), "cwd": str(project), "log": str(log)}
+        for (module, args, project), log in zip(stages, logs)]}))
+    result = subprocess.run([*command, sys.executable, "-m", "tests.emulated_stages", str(spec)], cwd=cwd,
                             env=stage_env(RESNET8_PARALLEL_STAGES=str(at_once), **host_env), capture_output=True,
-                            text=True, timeout=1800)
-    assert result.returncode == 0, f"{module} on the emulated AVX2 CPU failed:\n{result.stdout}\n{result.stderr}"
+                            text=True, timeout=3600)
+    lines = result.stdout.splitlines()
+    failed = [f"{json.loads(line)['module']} on the emulated AVX2 CPU failed:\n{log.read_text()}"
+              for line, log in zip(lines[1:], logs) if json.loads(line)["returncode"] != 0]
+    assert result.returncode == 0 and not failed, "\n".join(failed) or result.stdout + result.stderr
+    return json.loads(lines[0])
 
 
 def test_the_emulators_host_fma_is_libms_bit_for_bit(tmp_path):
@@ -567,13 +587,7 @@ def test_the_quantize_chain_gives_the_same_bytes_and_labels_on_an_avx2_cpu(tiny,
     must write what the native run wrote. Given the same inputs each stage gives the same bytes, so
     the chain run end to end on the emulated CPU would too; and the stages need not wait for each
     other (emulation is slow: they run two at a time, one thread each, the longest first)."""
-    probe = tmp_path / "probe.py"
-    probe.write_text("import numpy, torch\n"
-                     "print(numpy._core._multiarray_umath.__cpu_features__['AVX512F'], "
-                     "torch.backends.cpu.get_cpu_capability())\n")
     import os
-    import subprocess
-    import sys
 
     folded, calibration = "models/onnx_folded/resnet8.onnx", "data/calibration"
 
@@ -607,14 +621,10 @@ def test_the_quantize_chain_gives_the_same_bytes_and_labels_on_an_avx2_cpu(tiny,
     # same as in the two-seed run
     projects = [project_from(tiny, tmp_path / f"stage_{index}", inputs, SEEDS[:1])
                 for index, (_, _, inputs, _) in enumerate(chain)]
-    at_once = len(os.sched_getaffinity(0))  # in_parallel's count: each emulated process on one host core
-    emulated = emulator(tmp_path)
-    *_, seen = in_parallel(
-        *(partial(run_on_avx2, module, *args, cwd=project, emulated=emulated, at_once=at_once)
-          for (module, args, _, _), project in zip(chain, projects)),
-        partial(subprocess.run, [*emulated[0], sys.executable, str(probe)], capture_output=True, text=True,
-                timeout=600, env={**os.environ, **emulated[1]}))
-    assert seen.stdout.split() == ["False", "AVX2"], seen.stdout + seen.stderr  # really another CPU kind
+    at_once = len(os.sched_getaffinity(0))  # each emulated process on one host core
+    seen = run_on_avx2([(module, args, project) for (module, args, _, _), project in zip(chain, projects)],
+                       tmp_path, emulator(tmp_path), at_once)
+    assert seen == {"numpy_avx512f": False, "torch_capability": "AVX2"}, seen  # really another CPU kind
     differ = [name for (module, _, _, outputs), project in zip(chain, projects) for name in outputs
               if module != "stages.evaluate" and (project / name).read_bytes() != (tiny / name).read_bytes()]
     assert not differ, f"on the AVX2 CPU these differ: {differ}"
