@@ -10,6 +10,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# Importing `stages` applies its thread budget to the importing process's environment
+# (stages/lib/threads.py), and the tests import it here, in pytest's process. A stage started from
+# this process would take those counts for the user's and ignore its own budget
+# (RESNET8_PARALLEL_STAGES; its seed workers would run one after another), so the stages the tests
+# start get the thread settings pytest was started with (`started_environment`).
+THREAD_SETTINGS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TF_NUM_INTRAOP_THREADS",
+                   "TF_NUM_INTEROP_THREADS", "OMP_WAIT_POLICY")
+STARTED_WITH = {name: os.environ[name] for name in THREAD_SETTINGS if name in os.environ}
 # Every test carries one of four markers, by module (pytest.ini lists them): `-m unit` is the fast set.
 SUITE = {"test_stages_frameworks": "frameworks", "test_faults": "faults", "test_pipeline_e2e": "e2e"}
 # pytest-xdist (pytest.ini: -n auto --dist loadgroup) keeps each of these modules on one worker, so
@@ -48,8 +56,14 @@ def pytest_terminal_summary(terminalreporter, config) -> None:
         terminalreporter.write_line(f"fault table written to {path}")
 
 
+def started_environment() -> dict:
+    """This process's environment, with the thread settings pytest was started with."""
+    env = {name: value for name, value in os.environ.items() if name not in THREAD_SETTINGS}
+    return {**env, **STARTED_WITH}
+
+
 def stage_env(**extra: str) -> dict:
-    env = dict(os.environ)
+    env = started_environment()
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

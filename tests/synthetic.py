@@ -230,7 +230,9 @@ def write_params(directory: Path, edits: dict | None = None) -> Path:
 
 
 def stage_env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RESNET8_MIRROR", "PYTHONPATH")}
+    from tests.conftest import started_environment
+
+    env = {k: v for k, v in started_environment().items() if k not in ("RESNET8_MIRROR", "PYTHONPATH")}
     env["PYTHONPATH"] = str(ROOT)
     env.update(extra)
     return env

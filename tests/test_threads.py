@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from stages.lib import threads
-from tests.conftest import REPO
+from tests.conftest import REPO, STARTED_WITH, THREAD_SETTINGS, stage_env
 
 PROBE = ("import json, os, stages; from stages.lib import threads; "
          "print(json.dumps({k: os.environ.get(k) for k in threads.PER_PROCESS + ('OMP_WAIT_POLICY',)}))")
@@ -48,6 +48,29 @@ def test_the_affinity_mask_counts_not_the_machine():
     one = min(os.sched_getaffinity(0))
     seen = json.loads(probe(cpus={one}).stdout)
     assert seen["OMP_NUM_THREADS"] == "1"
+
+
+def test_the_tests_know_every_setting_importing_stages_makes():
+    """tests/conftest.py gives the stages it starts the thread settings pytest was started with: it
+    must name every variable that importing `stages` sets."""
+    clean = {k: v for k, v in os.environ.items() if k not in THREAD_SETTINGS + (threads.ENV,)}
+    result = subprocess.run([sys.executable, "-c", "import json, os; before = dict(os.environ); import stages; "
+                             "print(json.dumps([k for k in os.environ if os.environ[k] != before.get(k)]))"],
+                            env={**clean, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert set(json.loads(result.stdout)) == set(THREAD_SETTINGS)
+
+
+def test_a_stage_the_tests_start_takes_its_own_budget_not_the_test_processs(monkeypatch):
+    """Importing `stages` in the test process set thread counts in its environment; a stage started
+    from it must not take them for the user's."""
+    for name in THREAD_SETTINGS:
+        monkeypatch.setenv(name, "7")
+    env = stage_env(**{threads.ENV: str(4 * len(os.sched_getaffinity(0)))})
+    seen = json.loads(subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True,
+                                     cwd=REPO, check=True).stdout)
+    assert seen["OMP_NUM_THREADS"] == STARTED_WITH.get("OMP_NUM_THREADS", "1")
+    assert seen["OMP_WAIT_POLICY"] == STARTED_WITH.get("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def test_a_setting_the_user_made_is_kept():
