@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, in_parallel, run_module, run_script, stage_env
+from tests.conftest import REPO, THREAD_SETTINGS, in_parallel, run_module, run_script, stage_env
 
 DTYPES = ("int8", "uint8")
 QUANTIZED = [f"{backend}_{dtype}" for backend in ("ort", "torch") for dtype in DTYPES]
@@ -510,6 +510,8 @@ def emulator(build: Path) -> tuple[list[str], dict]:
     return [*command, *AVX2_CPU], env
 
 
+ONE_THREAD = {name: "1" for name in THREAD_SETTINGS if name.endswith("_THREADS")}
+
 # what the emulated stages load once, in the process they are forked from (tests/emulated_stages.py);
 # not onnxruntime, which starts a thread when imported (1 s under QEMU)
 EMULATED_PRELOAD = ["torch", "torchao.quantization.pt2e.quantize_pt2e", "executorch.exir",
@@ -520,11 +522,11 @@ EMULATED_PRELOAD = ["torch", "torchao.quantization.pt2e.quantize_pt2e", "executo
 def run_on_avx2(stages: list[tuple[str, list, Path]], cwd: Path, emulated: tuple[list[str], dict],
                 at_once: int) -> dict:
     """Run stages (module, arguments, project) on the emulated CPU (`emulated`: what `emulator`
-    gives), `at_once` at a time in the order given, each with the thread budget of one of `at_once`
-    stages running at the same time (two emulated stages at two threads each would be four threads
-    on two cores, which the other test worker shares too). They are forked from one emulated process
-    that loaded the frameworks once (tests/emulated_stages.py). Returns what CPU that process's numpy
-    and torch detected."""
+    gives), `at_once` at a time in the order given, one thread each (two emulated stages at two
+    threads each would be four threads on two cores, which the other test worker shares too; and a
+    process that had started threads could not fork them, below), whatever thread counts pytest was
+    started with. They are forked from one emulated process that loaded the frameworks once
+    (tests/emulated_stages.py). Returns what CPU that process's numpy and torch detected."""
     import subprocess
     import sys
 
@@ -535,8 +537,8 @@ def run_on_avx2(stages: list[tuple[str, list, Path]], cwd: Path, emulated: tuple
         {"module": module, "args": list(map(str, args)), "cwd": str(project), "log": str(log)}
         for (module, args, project), log in zip(stages, logs)]}))
     result = subprocess.run([*command, sys.executable, "-m", "tests.emulated_stages", str(spec)], cwd=cwd,
-                            env=stage_env(RESNET8_PARALLEL_STAGES=str(at_once), **host_env), capture_output=True,
-                            text=True, timeout=3600)
+                            env=stage_env(RESNET8_PARALLEL_STAGES=str(at_once), **ONE_THREAD, **host_env),
+                            capture_output=True, text=True, timeout=3600)
     lines = result.stdout.splitlines()
     failed = [f"{json.loads(line)['module']} on the emulated AVX2 CPU failed:\n{log.read_text()}"
               for line, log in zip(lines[1:], logs) if json.loads(line)["returncode"] != 0]
