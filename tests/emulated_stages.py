@@ -1,6 +1,7 @@
 """Run several stages as children of one process that loaded the frameworks once, for the emulated
-CPU (tests/test_stages_frameworks.py), where loading them is slow (under QEMU `import torch`
-alone took 10.7 s, with ExecuTorch's lowering 24.5 s, against 1.8 s and 4.7 s natively):
+CPU (tests/test_stages_frameworks.py), where loading them is slow (on a 2-core AMD EPYC, under
+QEMU `import torch` alone took 10.7 s, with ExecuTorch's lowering 24.5 s, against 1.8 s and 4.7 s
+natively):
 
     python -m tests.emulated_stages SPEC.json
 
