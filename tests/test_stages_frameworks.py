@@ -537,7 +537,7 @@ def run_on_avx2(stages: list[tuple[str, list, Path]], cwd: Path, emulated: tuple
         {"module": module, "args": list(map(str, args)), "cwd": str(project), "log": str(log)}
         for (module, args, project), log in zip(stages, logs)]}))
     result = subprocess.run([*command, sys.executable, "-m", "tests.emulated_stages", str(spec)], cwd=cwd,
-                            env=stage_env(RESNET8_PARALLEL_STAGES=str(at_once), **ONE_THREAD, **host_env),
+                            env=stage_env(**ONE_THREAD, **host_env),
                             capture_output=True, text=True, timeout=3600)
     lines = result.stdout.splitlines()
     failed = [f"{json.loads(line)['module']} on the emulated AVX2 CPU failed:\n{log.read_text()}"
