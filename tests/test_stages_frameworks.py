@@ -667,3 +667,14 @@ def test_adaround_full_batch_gradient_equals_autograds(project):
     errors = json.loads(run_script("check_gram", cwd=project).stdout)
     assert set(errors) == {"conv_stride2_pad_bias", "conv_no_bias", "linear"}
     assert all(error < 1e-12 for error in errors.values()), errors
+
+
+def test_xnnpack_pattern_passes_are_skipped_only_where_no_pattern_can_match(tmp_path):
+    """to_executorch skips XNNPACK's upsampling and attention passes on a graph without the op
+    every one of their patterns holds (torch_quant.PATTERN_PASS_OPS): checked on the installed
+    ExecuTorch, whose patterns may change; a graph with the op still goes through the pass."""
+    result = json.loads(run_script("check_pattern_passes", cwd=tmp_path).stdout)
+    assert set(result["patterns_with_op"]) == {"ConvertToUpsampleBilinear2d", "ConvertToSDPAPass"}
+    for name, (with_op, patterns) in result["patterns_with_op"].items():
+        assert patterns > 0 and with_op == patterns, (name, with_op, patterns)
+    assert result["calls"] == ["bmm"] and result["restored"], result
