@@ -216,8 +216,9 @@ def figures(project: Path, with_sweep: bool) -> None:
         experiment, output = run(project, "dvc", "exp", "run", *(f for setting in settings for f in ("-S", setting)))
         ran = sorted(set(re.findall(r"Running stage '([^']+)'", output)))
         shown = " ".join(f"-S {setting}" for setting in settings)
+        target = f"target <= {TARGETS['experiment']:.0f} s" if len(settings) == 1 else "not a target"
         print(f"{'one-parameter ' if len(settings) == 1 else ''}experiment {shown} ({what}): {experiment:.1f} s, "
-              f"{len(ran)} stages re-run (target <= {TARGETS['experiment']:.0f} s)", flush=True)
+              f"{len(ran)} stages re-run ({target})", flush=True)
     if with_sweep:
         print_sweep(project, None, None)
 
