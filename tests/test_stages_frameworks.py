@@ -669,6 +669,16 @@ def test_adaround_full_batch_gradient_equals_autograds(project):
     assert all(error < 1e-12 for error in errors.values()), errors
 
 
+@pytest.mark.parametrize("isa", ["", "AVX2"])
+def test_the_integer_gram_is_exact_with_and_without_int8_kernels_that_saturate(tmp_path, isa):
+    """AdaRound's Gram matrices of 8-bit codes (lib/integer_gram.py) on codes whose int8 products
+    saturate 16-bit pair sums: exact with this CPU's oneDNN kernels and with its AVX2 ones (pair
+    sums in 16 bits: the probe must send those blocks the float64 way)."""
+    env = {"ONEDNN_MAX_CPU_ISA": isa} if isa else {}
+    result = json.loads(run_module("tests.check_integer_gram", cwd=tmp_path, **env).stdout)
+    assert result["exact"] and result["int8_products"] != result["float64"], result
+
+
 def test_xnnpack_pattern_passes_are_skipped_only_where_no_pattern_can_match(tmp_path):
     """to_executorch skips XNNPACK's upsampling and attention passes on a graph without the op
     every one of their patterns holds (torch_quant.PATTERN_PASS_OPS): checked on the installed

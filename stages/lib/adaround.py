@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.adam import adam
 
+from . import integer_gram
+
 ZETA, GAMMA = 1.1, -0.1  # rectified sigmoid stretch
 
 
@@ -110,19 +112,24 @@ class _Columns:
 
     GROUP_BYTES = 4 << 20  # columns per gemm: enough to amortise the calls, little enough for cache
 
-    def __init__(self, module: nn.Conv2d, height: int, width: int, most: int):
+    def __init__(self, module: nn.Conv2d, height: int, width: int, most: int, dtype: torch.dtype | None = None,
+                 border: int = 0, group: int | None = None):
+        """Columns of up to `group` images at a time (default: as many as GROUP_BYTES of
+        float64 columns hold, at most `most`), of `dtype` (default the weight's), the padding
+        filled with `border` (the value that stands for 0)."""
         self.o, self.c, self.kh, self.kw = module.weight.shape
         self.sh, self.sw = module.stride
         self.ph, self.pw = module.padding
         self.hp, self.wp = height + 2 * self.ph, width + 2 * self.pw
         self.ho, self.wo = (self.hp - self.kh) // self.sh + 1, (self.wp - self.kw) // self.sw + 1
         self.positions, self.size = self.ho * self.wo, self.kh * self.kw * self.c
-        self.group = max(1, min(most, self.GROUP_BYTES // (self.positions * self.size * 8)))
-        dtype = module.weight.dtype
-        self.padded = torch.zeros(self.group, self.hp, self.wp, self.c, dtype=dtype)  # borders stay 0
+        self.group = group or max(1, min(most, self.GROUP_BYTES // (self.positions * self.size * 8)))
+        dtype = dtype or module.weight.dtype
+        self.padded = torch.full((self.group, self.hp, self.wp, self.c), border, dtype=dtype)  # borders stay
         self.interior = self.padded[:, self.ph:self.ph + height, self.pw:self.pw + width]
         self.columns = torch.empty(self.group * self.positions, self.size, dtype=dtype)
-        self.transposed = torch.empty(self.o * self.group * self.positions, dtype=dtype)  # output_weights_first
+        self.transposed = (torch.empty(self.o * self.group * self.positions, dtype=dtype)  # output_weights_first
+                           if dtype.is_floating_point else None)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """[count * positions, kh * kw * c] columns of `images` (NHWC, count <= group)."""
@@ -232,13 +239,17 @@ class _Gram:
     per output position and image, M outputs in all), Y its float outputs and b its bias,
     mse = |W X + b - Y|^2 / M, so d mse / dW = 2 / M * (W G + A) with G = X X^T and
     A = b (sum of X)^T - Y X^T, both fixed for the layer and summed once (`GROUP_BYTES` of columns at
-    a time). G is summed by BLAS syrk (its upper triangle: half a gemm's multiplications); its
-    last bits differ from a gemm's as they differ between CPU kinds, and the rounding chosen for
-    every layer of every draw of the pipeline came out byte for byte the same."""
+    a time). A conv's input given as 8-bit `codes` (integer_gram.Codes: every layer's input once
+    quantized, and the pixels) has G = scale^2 * C C^T, C the codes, summed exactly in integers
+    (lib/integer_gram.py): the same matrix on every CPU kind. Otherwise G is summed by BLAS syrk in
+    float64 (its upper triangle: half a gemm's multiplications), whose last bits differ between CPU
+    kinds; for the pipeline's draws the rounding came out byte for byte the same either way."""
 
-    def __init__(self, module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch: int):
+    def __init__(self, module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch: int,
+                 codes: integer_gram.Codes | None = None):
         weight = module.weight.detach()
         bias = None if module.bias is None else module.bias.detach()
+        exact = None
         if isinstance(module, nn.Conv2d):
             inputs = inputs.contiguous(memory_format=torch.channels_last)  # same values, NHWC in memory
             targets = targets.contiguous(memory_format=torch.channels_last)
@@ -248,13 +259,19 @@ class _Gram:
             self.to_2d = im2col.weight_2d
             self.from_2d = lambda g: g.view(im2col.o, im2col.kh, im2col.kw, im2col.c).permute(0, 3, 1, 2)
             nhwc, nhwc_targets = inputs.permute(0, 2, 3, 1), targets.permute(0, 2, 3, 1)
-            # a generator: im2col fills the same buffer at every call, so each group is summed first
-            parts = ((im2col(nhwc[i:i + im2col.group]), nhwc_targets[i:i + im2col.group].reshape(-1, im2col.o))
-                     for i in range(0, len(inputs), im2col.group))
+            if codes is None:
+                # a generator: im2col fills the same buffer at every call, so each group is summed first
+                parts = ((im2col(nhwc[i:i + im2col.group]), nhwc_targets[i:i + im2col.group].reshape(-1, im2col.o),
+                          None) for i in range(0, len(inputs), im2col.group))
+            else:
+                if codes.shifted.shape != inputs.shape:
+                    raise ValueError(f"adaround: codes {tuple(codes.shifted.shape)} for inputs {tuple(inputs.shape)}")
+                exact = integer_gram.IntegerGram(im2col.size, codes.zero)
+                parts = self._code_parts(module, codes, nhwc_targets, im2col.group, exact.offset)
             size, outputs = im2col.size, im2col.o
         else:  # Linear: one column per image
             self.to_2d, self.from_2d = (lambda w: w), (lambda g: g)
-            parts = iter([(inputs.reshape(len(inputs), -1), targets.reshape(len(targets), -1))])
+            parts = iter([(inputs.reshape(len(inputs), -1), targets.reshape(len(targets), -1), None)])
             size, outputs = weight.shape[1], weight.shape[0]
         from scipy.linalg.blas import dsyrk
 
@@ -262,19 +279,42 @@ class _Gram:
         self.cross = weight.new_zeros(outputs, size)  # A
         total = weight.new_zeros(size)
         count = 0
-        for columns, wanted in parts:
-            # X X^T by BLAS syrk, half the multiplications of a gemm (columns^T is Fortran-ordered X)
-            gram = dsyrk(1.0, columns.numpy().T, beta=1.0, c=gram, overwrite_c=1)
+        for columns, wanted, shifted in parts:
+            if exact is None:
+                # X X^T by BLAS syrk, half the multiplications of a gemm (columns^T is Fortran-ordered X)
+                gram = dsyrk(1.0, columns.numpy().T, beta=1.0, c=gram, overwrite_c=1)
+            else:
+                exact.add(shifted, columns)
             self.cross.addmm_(wanted.t(), columns, alpha=-1)
             total += columns.sum(0)
             count += len(columns)
-        self.gram = torch.from_numpy(np.triu(gram) + np.triu(gram, 1).T)
+        if exact is None:
+            self.gram = torch.from_numpy(np.triu(gram) + np.triu(gram, 1).T)
+        else:  # the sums were over the codes: X = scale * codes
+            self.gram = exact.matrix().mul_(codes.scale * codes.scale)
+            self.cross.mul_(codes.scale)
+            total.mul_(codes.scale)
         if bias is not None:
             self.cross.add_(torch.outer(bias, total))
         self.norm = 2. / (count * outputs)
 
     def gradient(self, pick: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return self.from_2d(torch.addmm(self.cross, self.to_2d(weight), self.gram).mul_(self.norm))
+
+    @staticmethod
+    def _code_parts(module: nn.Conv2d, codes: integer_gram.Codes, nhwc_targets: torch.Tensor, group: int,
+                    offset: int):
+        """Per group of images: (the codes' columns as float64 whole numbers, the targets, the same
+        columns shifted to int8). Only the int8 columns are laid out (an eighth of the bytes); the
+        float64 ones are converted from them, and the padding code stands for 0."""
+        nhwc = codes.shifted.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+        shifted_columns = _Columns(module, *nhwc.shape[1:3], len(nhwc), torch.int8,
+                                   codes.zero - integer_gram.SHIFT, group)
+        numbers = torch.empty(group * shifted_columns.positions, shifted_columns.size, dtype=torch.float64)
+        for i in range(0, len(nhwc), group):
+            shifted = shifted_columns(nhwc[i:i + group])
+            yield (numbers[:len(shifted)].copy_(shifted).add_(offset),
+                   nhwc_targets[i:i + group].reshape(-1, shifted_columns.o), shifted)
 
 
 def _stacked(t: torch.Tensor, count: int) -> torch.Tensor:
@@ -351,7 +391,8 @@ class _Adam:
 
 
 def round_layers(module: nn.Module, inputs: list[torch.Tensor], targets: list[torch.Tensor], grid: Grid,
-                 iterations: int, batch: int, seeds: list[int]) -> torch.Tensor:
+                 iterations: int, batch: int, seeds: list[int],
+                 codes: list[integer_gram.Codes | None] | None = None) -> torch.Tensor:
     """Optimise the rounding of one layer for several calibration draws at once; returns the float
     weights on the chosen grid points, [draws, *weight.shape].
 
@@ -360,7 +401,8 @@ def round_layers(module: nn.Module, inputs: list[torch.Tensor], targets: list[to
     floor and the fixed weights depend on the float weight only and are shared; the rounding
     variable has a leading draw dimension and one Adam optimises it. The loss is the sum of the
     draws' losses (mean squared error + rounding regulariser), so each draw's
-    gradient, and Adam's elementwise step, are exactly those of the draw optimised alone."""
+    gradient, and Adam's elementwise step, are exactly those of the draw optimised alone. `codes`
+    (full batch only): each draw's inputs as 8-bit codes, or None, for exact Gram matrices."""
     weight = module.weight.detach()
     scale = channel_scale(weight, grid)
     scaled = weight / scale
@@ -374,11 +416,12 @@ def round_layers(module: nn.Module, inputs: list[torch.Tensor], targets: list[to
     low, high = max(grid.qmin, -int(grid.scale_divisor)), min(grid.qmax, int(grid.scale_divisor))
     optimizer = _Adam(v, lr=1e-2)
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    codes = [None] * len(inputs) if codes is None else codes
     if batch == 0:
-        kind = _Gram
+        draws = [_Gram(module, x, y, batch, c) for x, y, c in zip(inputs, targets, codes)]
     else:
         kind = lambda m, x, y, b: (_ChannelsLastConv if _ChannelsLastConv.applies(m, x) else _Autograd)(m, x, y, b)
-    draws = [kind(module, x, y, batch) for x, y in zip(inputs, targets)]
+        draws = [kind(module, x, y, batch) for x, y in zip(inputs, targets)]
     rounding = _SoftWeights(weight, scale, floor, fixed, low, high)
     with torch.no_grad():
         for step in range(iterations):
@@ -527,12 +570,48 @@ class _Stream:
         return result
 
 
+def _activation_grid(low: float, high: float, levels: int = 256) -> tuple[float, int]:
+    """(scale, zero point) of an 8-bit activation range."""
+    scale = max(high - low, 1e-8) / (levels - 1)
+    return scale, round(-low / scale)
+
+
+def quantize(x: torch.Tensor, low: float, high: float, levels: int = 256) -> tuple[torch.Tensor, float, int]:
+    """(codes, scale, zero): codes = clamp(round(x / scale) + zero, 0, levels - 1), float64 whole
+    numbers in one new tensor, for the range [low, high]."""
+    scale, zero = _activation_grid(low, high, levels)
+    return (x / scale).round_().add_(zero).clamp_(0, levels - 1), scale, zero
+
+
 def fake_quantize(x: torch.Tensor, low: float, high: float, levels: int = 256) -> torch.Tensor:
     """(clamp(round(x / scale) + zero, 0, levels - 1) - zero) * scale, in one new tensor (the
     same operations in place: no temporary per step)."""
-    scale = max(high - low, 1e-8) / (levels - 1)
-    zero = round(-low / scale)
-    return (x / scale).round_().add_(zero).clamp_(0, levels - 1).sub_(zero).mul_(scale)
+    codes, scale, zero = quantize(x, low, high, levels)
+    return codes.sub_(zero).mul_(scale)
+
+
+class _QuantizedInput:
+    """A layer's input pre-hook: the input fake-quantized to 8 bits over [low, high], as deployed
+    (`fake_quantize`), and, while `recording`, its codes kept chunk by chunk for `take`."""
+
+    def __init__(self, low: float, high: float, recording: bool):
+        self.low, self.high, self.recording, self.chunks = low, high, recording, []
+        self.scale, self.zero = _activation_grid(low, high)
+
+    def __call__(self, _module, args):
+        codes, scale, zero = quantize(args[0], self.low, self.high)
+        if self.recording:
+            self.chunks.append(codes.sub(integer_gram.SHIFT).to(torch.int8))
+        return (codes.sub_(zero).mul_(scale),)
+
+    def take(self, count: int) -> integer_gram.Codes:
+        """The codes of the `count` inputs recorded, in order; recording stops."""
+        recorded = sum(len(chunk) for chunk in self.chunks)
+        if recorded != count:
+            raise RuntimeError(f"adaround: {recorded} quantized inputs recorded for {count} images")
+        shifted = torch.cat(self.chunks)
+        self.chunks, self.recording = [], False
+        return integer_gram.Codes(shifted, self.zero, self.scale)
 
 
 def adaround_many(model: nn.Module, images_per_seed: list[np.ndarray], grid: Grid, iterations: int = 1000,
@@ -575,16 +654,20 @@ def adaround_many(model: nn.Module, images_per_seed: list[np.ndarray], grid: Gri
     results = [({}, {}) for _ in range(draws)]
     for index, name in enumerate(names):
         targets = [stream.capture(name, True, change) for stream in float_streams]
-        inputs = []
+        inputs, codes = [], []
         for stream, modules, ranges in zip(streams, layers, all_ranges):
             if ranges is not None and index > 0:  # the first input is exact 8-bit pixels
-                low, high = ranges[name]
-                modules[name].register_forward_pre_hook(
-                    lambda _m, args, low=low, high=high: (fake_quantize(args[0], low, high),))
-            inputs.append(stream.capture(name, False, change))
+                hook = _QuantizedInput(*ranges[name], recording=batch == 0)  # codes: exact Gram matrices
+                modules[name].register_forward_pre_hook(hook)
+                inputs.append(stream.capture(name, False, change))
+                codes.append(hook.take(len(inputs[-1])) if batch == 0 else None)
+            else:
+                inputs.append(stream.capture(name, False, change))
+                codes.append(integer_gram.pixel_codes(inputs[-1]) if index == 0 else None)
         module = float_layers[name]
-        rounded = round_layers(module, inputs, targets, grid, iterations, batch, [seed + index for seed in seeds])
-        del inputs, targets
+        rounded = round_layers(module, inputs, targets, grid, iterations, batch, [seed + index for seed in seeds],
+                               codes if batch == 0 else None)
+        del inputs, targets, codes
         weight = module.weight.detach()
         scale = channel_scale(weight, grid)
         nearest = torch.round(weight / scale)
