@@ -629,8 +629,10 @@ def adaround_many(model: nn.Module, images_per_seed: list[np.ndarray], grid: Gri
     computed with the layers before it already rounded (with this draw's weights) and, with
     input ranges ({module name: (low, high)}), with every layer's input after the first
     fake-quantized to 8 bits over that range. The layer's optimisation runs once for all draws
-    (`round_layers`). `perturb` (tests) is applied to every captured activation the rounding
-    learns from (the float model's layer outputs, the quantized model's layer inputs)."""
+    (`round_layers`); with the full batch, a conv whose inputs are 8-bit codes (fake-quantized, or
+    the pixels) gets its Gram matrix from the codes, exactly (`_Gram`). `perturb` (tests) is
+    applied to every captured float activation the rounding learns from (the float model's layer
+    outputs, the quantized model's layer inputs); the codes, whole numbers, take none."""
     import copy
 
     if seeds is None or len(seeds) != len(images_per_seed):
