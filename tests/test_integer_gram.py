@@ -86,3 +86,47 @@ def test_the_gradient_from_codes_is_the_float_gram_gradient_up_to_last_bits(monk
     assert not torch.equal(exact.gram, torch.zeros_like(exact.gram))
     a, b = exact.gradient(None, weight), summed.gradient(None, weight)
     assert (a - b).abs().max() <= 1e-12 * b.abs().max()
+
+
+def test_adaround_learns_every_conv_from_the_codes_of_exactly_its_inputs(monkeypatch):
+    """adaround_many with input ranges and the full batch: every layer's Gram matrix comes from codes
+    (the first conv's: the pixels), and the codes give back, bit for bit, the inputs it learns from."""
+    seen = []
+    original = adaround._Gram.__init__
+
+    def spy(self, module, inputs, targets, batch, codes=None):
+        if codes is not None:
+            values = (codes.shifted.to(torch.float64) + integer_gram.SHIFT - codes.zero) * codes.scale
+            seen.append((type(module).__name__, torch.equal(values, inputs)))
+        else:
+            seen.append((type(module).__name__, None))
+        original(self, module, inputs, targets, batch, codes)
+
+    monkeypatch.setattr(adaround._Gram, "__init__", spy)
+    torch.manual_seed(0)
+    model = torch.fx.symbolic_trace(nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3)))
+    images = torch.randint(0, 256, (10, 3, 8, 8), generator=torch.Generator().manual_seed(1)).numpy()
+    ranges = {"0": (0.0, 255.0), "2": (0.0, 40.0), "6": (0.0, 9.0)}
+    [(weights, _)] = adaround.adaround_many(model, [images], adaround.GRIDS["int8"], iterations=3, batch=0,
+                                            seeds=[0], input_ranges_per_seed=[ranges])
+    assert seen == [("Conv2d", True), ("Conv2d", True), ("Linear", True)]
+    assert set(weights) == {"0", "2", "6"}
+
+
+@pytest.mark.parametrize("int8_products", [True, False])
+def test_a_linear_layers_gradient_from_codes_is_the_float_gram_gradient_up_to_last_bits(monkeypatch, int8_products):
+    if not int8_products:
+        monkeypatch.setattr(integer_gram, "int8_matmul_is_exact", lambda rows, size: False)
+    linear = nn.Linear(7, 4).double()
+    raw = torch.randn(30, 7, generator=torch.Generator().manual_seed(2), dtype=torch.float64) + 1
+    hook = adaround._QuantizedInput(0.0, 4.0, recording=True)
+    inputs = hook(None, (raw,))[0]
+    codes = hook.take(30)
+    targets = (linear(inputs) + 0.1).detach()
+    weight = linear.weight.detach() * 1.01 + 0.003
+    exact, summed = adaround._Gram(linear, inputs, targets, 0, codes), adaround._Gram(linear, inputs, targets, 0)
+    assert (exact.gram - summed.gram).abs().max() <= 1e-12 * summed.gram.abs().max()
+    a, b = exact.gradient(None, weight), summed.gradient(None, weight)
+    assert (a - b).abs().max() <= 1e-12 * b.abs().max()

@@ -239,7 +239,7 @@ class _Gram:
     per output position and image, M outputs in all), Y its float outputs and b its bias,
     mse = |W X + b - Y|^2 / M, so d mse / dW = 2 / M * (W G + A) with G = X X^T and
     A = b (sum of X)^T - Y X^T, both fixed for the layer and summed once (`GROUP_BYTES` of columns at
-    a time). A conv's input given as 8-bit `codes` (integer_gram.Codes: every layer's input once
+    a time). An input given as 8-bit `codes` (integer_gram.Codes: every layer's input once
     quantized, and the pixels) has G = scale^2 * C C^T, C the codes, summed exactly in integers
     (lib/integer_gram.py): the same matrix on every CPU kind. Otherwise G is summed by BLAS syrk in
     float64 (its upper triangle: half a gemm's multiplications), whose last bits differ between CPU
@@ -249,7 +249,10 @@ class _Gram:
                  codes: integer_gram.Codes | None = None):
         weight = module.weight.detach()
         bias = None if module.bias is None else module.bias.detach()
-        exact = None
+        # a layer's Gram matrix is [size, size], size = what one output sums over (weight[0].numel())
+        exact = None if codes is None else integer_gram.IntegerGram(weight[0].numel(), codes.zero)
+        if codes is not None and codes.shifted.shape != inputs.shape:
+            raise ValueError(f"adaround: codes {tuple(codes.shifted.shape)} for inputs {tuple(inputs.shape)}")
         if isinstance(module, nn.Conv2d):
             inputs = inputs.contiguous(memory_format=torch.channels_last)  # same values, NHWC in memory
             targets = targets.contiguous(memory_format=torch.channels_last)
@@ -264,14 +267,14 @@ class _Gram:
                 parts = ((im2col(nhwc[i:i + im2col.group]), nhwc_targets[i:i + im2col.group].reshape(-1, im2col.o),
                           None) for i in range(0, len(inputs), im2col.group))
             else:
-                if codes.shifted.shape != inputs.shape:
-                    raise ValueError(f"adaround: codes {tuple(codes.shifted.shape)} for inputs {tuple(inputs.shape)}")
-                exact = integer_gram.IntegerGram(im2col.size, codes.zero)
                 parts = self._code_parts(module, codes, nhwc_targets, im2col.group, exact.offset)
             size, outputs = im2col.size, im2col.o
         else:  # Linear: one column per image
             self.to_2d, self.from_2d = (lambda w: w), (lambda g: g)
-            parts = iter([(inputs.reshape(len(inputs), -1), targets.reshape(len(targets), -1), None)])
+            shifted = None if codes is None else codes.shifted.reshape(len(inputs), -1)
+            columns = (inputs.reshape(len(inputs), -1) if codes is None
+                       else shifted.to(torch.float64).add_(exact.offset))
+            parts = iter([(columns, targets.reshape(len(targets), -1), shifted)])
             size, outputs = weight.shape[1], weight.shape[0]
         from scipy.linalg.blas import dsyrk
 
@@ -629,7 +632,7 @@ def adaround_many(model: nn.Module, images_per_seed: list[np.ndarray], grid: Gri
     computed with the layers before it already rounded (with this draw's weights) and, with
     input ranges ({module name: (low, high)}), with every layer's input after the first
     fake-quantized to 8 bits over that range. The layer's optimisation runs once for all draws
-    (`round_layers`); with the full batch, a conv whose inputs are 8-bit codes (fake-quantized, or
+    (`round_layers`); with the full batch, a layer whose inputs are 8-bit codes (fake-quantized, or
     the pixels) gets its Gram matrix from the codes, exactly (`_Gram`). `perturb` (tests) is
     applied to every captured float activation the rounding learns from (the float model's layer
     outputs, the quantized model's layer inputs); the codes, whole numbers, take none."""
@@ -665,7 +668,7 @@ def adaround_many(model: nn.Module, images_per_seed: list[np.ndarray], grid: Gri
                 codes.append(hook.take(len(inputs[-1])) if batch == 0 else None)
             else:
                 inputs.append(stream.capture(name, False, change))
-                codes.append(integer_gram.pixel_codes(inputs[-1]) if index == 0 else None)
+                codes.append(integer_gram.pixel_codes(inputs[-1]) if index == 0 and batch == 0 else None)
         module = float_layers[name]
         rounded = round_layers(module, inputs, targets, grid, iterations, batch, [seed + index for seed in seeds],
                                codes if batch == 0 else None)
