@@ -1,5 +1,5 @@
 """Print whether AdaRound's integer Gram matrix (lib/integer_gram.py) is exact in this process, on
-codes whose int8 products saturate 16-bit pair sums, and which way it was summed:
+codes whose int8 products saturate 16-bit pair sums, and how many rows went the int8 way:
 
     ONEDNN_MAX_CPU_ISA=AVX2 python -m tests.check_integer_gram
 
@@ -20,5 +20,5 @@ if __name__ == "__main__":
     codes[1::3] = torch.randint(0, 256, (len(codes[1::3]), size), generator=torch.Generator().manual_seed(0))
     gram = integer_gram.IntegerGram(size, 0)
     gram.add((codes - integer_gram.SHIFT).to(torch.int8))
-    print(json.dumps({"int8_products": gram.rows == rows, "float64": gram.rows == 0,
+    print(json.dumps({"rows_by_int8_products": gram.rows, "rows": rows,
                       "exact": torch.equal(gram.matrix(), (codes.t() @ codes).to(torch.float64))}))
