@@ -579,18 +579,16 @@ def _activation_grid(low: float, high: float, levels: int = 256) -> tuple[float,
     return scale, round(-low / scale)
 
 
-def quantize(x: torch.Tensor, low: float, high: float, levels: int = 256) -> tuple[torch.Tensor, float, int]:
-    """(codes, scale, zero): codes = clamp(round(x / scale) + zero, 0, levels - 1), float64 whole
-    numbers in one new tensor, for the range [low, high]."""
-    scale, zero = _activation_grid(low, high, levels)
-    return (x / scale).round_().add_(zero).clamp_(0, levels - 1), scale, zero
+def _codes(x: torch.Tensor, scale: float, zero: int, levels: int = 256) -> torch.Tensor:
+    """clamp(round(x / scale) + zero, 0, levels - 1): float64 whole numbers, in one new tensor."""
+    return (x / scale).round_().add_(zero).clamp_(0, levels - 1)
 
 
 def fake_quantize(x: torch.Tensor, low: float, high: float, levels: int = 256) -> torch.Tensor:
     """(clamp(round(x / scale) + zero, 0, levels - 1) - zero) * scale, in one new tensor (the
     same operations in place: no temporary per step)."""
-    codes, scale, zero = quantize(x, low, high, levels)
-    return codes.sub_(zero).mul_(scale)
+    scale, zero = _activation_grid(low, high, levels)
+    return _codes(x, scale, zero, levels).sub_(zero).mul_(scale)
 
 
 class _QuantizedInput:
@@ -598,14 +596,14 @@ class _QuantizedInput:
     (`fake_quantize`), and, while `recording`, its codes kept chunk by chunk for `take`."""
 
     def __init__(self, low: float, high: float, recording: bool):
-        self.low, self.high, self.recording, self.chunks = low, high, recording, []
+        self.recording, self.chunks = recording, []
         self.scale, self.zero = _activation_grid(low, high)
 
     def __call__(self, _module, args):
-        codes, scale, zero = quantize(args[0], self.low, self.high)
+        codes = _codes(args[0], self.scale, self.zero)
         if self.recording:
             self.chunks.append(codes.sub(integer_gram.SHIFT).to(torch.int8))
-        return (codes.sub_(zero).mul_(scale),)
+        return (codes.sub_(self.zero).mul_(self.scale),)
 
     def take(self, count: int) -> integer_gram.Codes:
         """The codes of the `count` inputs recorded, in order; recording stops."""
@@ -671,7 +669,7 @@ def adaround_many(model: nn.Module, images_per_seed: list[np.ndarray], grid: Gri
                 codes.append(integer_gram.pixel_codes(inputs[-1]) if index == 0 and batch == 0 else None)
         module = float_layers[name]
         rounded = round_layers(module, inputs, targets, grid, iterations, batch, [seed + index for seed in seeds],
-                               codes if batch == 0 else None)
+                               codes)
         del inputs, targets, codes
         weight = module.weight.detach()
         scale = channel_scale(weight, grid)
