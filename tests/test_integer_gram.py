@@ -30,7 +30,7 @@ def test_the_gram_of_codes_is_exact_on_either_path(monkeypatch, zero, int8_produ
     """More rows than one int8 block holds, codes at the extremes: the int8 products (where this
     CPU's kernels sum them exactly) and the float64 way both give the exact integers."""
     if not int8_products:
-        monkeypatch.setattr(integer_gram, "int8_matmul_is_exact", lambda rows, size: False)
+        monkeypatch.setattr(integer_gram, "int8_products_usable", lambda rows, size: False)
     codes = codes_of(integer_gram.BLOCK_ROWS + 3001, 19, zero)
     gram = integer_gram.IntegerGram(19, zero)
     shifted = (codes - integer_gram.SHIFT).to(torch.int8)
@@ -38,7 +38,7 @@ def test_the_gram_of_codes_is_exact_on_either_path(monkeypatch, zero, int8_produ
     gram.add(shifted[2000:])  # more than one block
     assert torch.equal(gram.matrix(), reference(codes - zero))
     blocks = [2000, integer_gram.BLOCK_ROWS, 1001]  # as add() cuts them
-    assert gram.rows == sum(rows for rows in blocks if int8_products and integer_gram.int8_matmul_is_exact(rows, 19))
+    assert gram.rows == sum(rows for rows in blocks if int8_products and integer_gram.int8_products_usable(rows, 19))
 
 
 def test_pixels_are_codes_and_other_values_are_not():
@@ -72,7 +72,7 @@ def test_the_gradient_from_codes_is_the_float_gram_gradient_up_to_last_bits(monk
     the border code stands for 0), either way of summing, against the float64 Gram of the same
     inputs."""
     if not int8_products:
-        monkeypatch.setattr(integer_gram, "int8_matmul_is_exact", lambda rows, size: False)
+        monkeypatch.setattr(integer_gram, "int8_products_usable", lambda rows, size: False)
     conv = conv.double()
     generator = torch.Generator().manual_seed(conv.in_channels)
     raw = torch.randn(12, conv.in_channels, 9, 9, generator=generator, dtype=torch.float64) + 0.5
@@ -119,7 +119,7 @@ def test_adaround_learns_every_conv_from_the_codes_of_exactly_its_inputs(monkeyp
 @pytest.mark.parametrize("int8_products", [True, False])
 def test_a_linear_layers_gradient_from_codes_is_the_float_gram_gradient_up_to_last_bits(monkeypatch, int8_products):
     if not int8_products:
-        monkeypatch.setattr(integer_gram, "int8_matmul_is_exact", lambda rows, size: False)
+        monkeypatch.setattr(integer_gram, "int8_products_usable", lambda rows, size: False)
     linear = nn.Linear(7, 4).double()
     raw = torch.randn(30, 7, generator=torch.Generator().manual_seed(2), dtype=torch.float64) + 1
     hook = adaround._QuantizedInput(0.0, 4.0, recording=True)
@@ -131,3 +131,17 @@ def test_a_linear_layers_gradient_from_codes_is_the_float_gram_gradient_up_to_la
     assert (exact.gram - summed.gram).abs().max() <= 1e-12 * summed.gram.abs().max()
     a, b = exact.gradient(None, weight), summed.gradient(None, weight)
     assert (a - b).abs().max() <= 1e-12 * b.abs().max()
+
+
+def test_without_avx512_vnni_the_int8_way_is_not_taken(monkeypatch):
+    """torch runs `_int_mm` as a scalar loop where it does not hand it to oneDNN (no AVX-512 VNNI):
+    exact, but far slower than syrk, so the float64 way is taken there, with the same matrix."""
+    integer_gram.int8_products_usable.cache_clear()
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: False)
+    try:
+        codes = codes_of(3000, 11, 0)
+        gram = integer_gram.IntegerGram(11, 0)
+        gram.add((codes - integer_gram.SHIFT).to(torch.int8))
+        assert gram.rows == 0 and torch.equal(gram.matrix(), reference(codes))
+    finally:
+        integer_gram.int8_products_usable.cache_clear()

@@ -5,10 +5,12 @@ summation order gives the same matrix (AdaRound's full-batch gradient, lib/adaro
 The codes come in shifted to int8 (q - 128); two ways lead to the same integers:
 - int8 matrix multiplication (`torch._int_mm`, oneDNN, int32 sums) of the shifted codes, in
   blocks of at most `BLOCK_ROWS` rows (|sum| <= 2^16 * 2^14 < 2^31), summed in int64, then the
-  shift taken out. Exact where oneDNN multiplies int8 with 32-bit sums: VNNI (AVX-512 or AVX) or
-  AMX. Without them (AVX2, AVX-512 without VNNI) it adds u8 x s8 products in pairs into 16 bits,
-  which saturate: `int8_matmul_is_exact` tries a block of codes that saturate there, once per
-  block shape, and where the answer is wrong the float64 way is taken.
+  shift taken out. torch hands `_int_mm` to oneDNN only on a CPU with AVX-512 VNNI (else it runs a
+  scalar loop, exact but 40 times slower than syrk here), so only there is it used
+  (`int8_products_usable`). oneDNN's VNNI kernels sum in int32; its AVX2 and AVX-512 ones (a CPU
+  with VNNI whose oneDNN is capped, ONEDNN_MAX_CPU_ISA) add u8 x s8 products in pairs into 16 bits,
+  which saturate: a block of codes that saturate there is tried once per block shape, and where
+  the answer is wrong the float64 way is taken.
 - float64 BLAS syrk of the unshifted codes (q - zero, |.| <= 255): each product is below 2^16 and
   every partial sum an integer below 2^53 for fewer than 2^37 rows, so float64 holds it exactly
   whatever the order of the additions.
@@ -40,11 +42,19 @@ def pixel_codes(x: torch.Tensor) -> Codes | None:
     return Codes((x - SHIFT).to(torch.int8), 0, 1.0)
 
 
+def _int_mm_runs_on_onednn() -> bool:
+    """torch's own condition for handing `_int_mm` to oneDNN (aten's _int_mm_out_cpu)."""
+    vnni = getattr(torch.cpu, "_is_vnni_supported", lambda: False)  # AVX-512 VNNI, by cpuinfo
+    return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled and vnni()
+
+
 @lru_cache(maxsize=None)
-def int8_matmul_is_exact(rows: int, size: int) -> bool:
-    """Whether `torch._int_mm` gives exact sums for a [size, rows] x [rows, size] product of int8,
-    laid out as `IntegerGram.add` calls it, here: tried on codes whose products saturate a 16-bit
-    pair sum (127 * 255 as u8 x s8) in every entry."""
+def int8_products_usable(rows: int, size: int) -> bool:
+    """Whether `torch._int_mm` runs on oneDNN here and gives exact sums for a [size, rows] x
+    [rows, size] product of int8, laid out as `IntegerGram.add` calls it: tried on codes whose
+    products saturate a 16-bit pair sum (127 * 255 as u8 x s8) in every entry."""
+    if not _int_mm_runs_on_onednn():
+        return False
     probe = torch.full((rows, size), 127, dtype=torch.int8)
     probe[:, 1::2] = -128
     try:
@@ -71,7 +81,7 @@ class IntegerGram:
         as float64 codes (shifted + offset), for the float64 way."""
         for start in range(0, len(shifted), BLOCK_ROWS):
             block = shifted[start:start + BLOCK_ROWS]
-            if int8_matmul_is_exact(*block.shape):
+            if int8_products_usable(*block.shape):
                 self.products += torch._int_mm(block.t(), block)
                 self.column_sums += block.sum(0, dtype=torch.int64)
                 self.rows += len(block)
